@@ -1,0 +1,1 @@
+"""Export: the one JAX model → StableHLO → LiteRT .tflite (prefill/decode signatures, KV cache) → .litertlm."""

@@ -1,0 +1,225 @@
+"""`nano`: the command line. Thin by design: each command parses, calls the library, prints.
+
+MODEL is a model directory or `gemma3-270m`, the embedded default teacher (imported from PyPI on first use).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from nano.errors import NanoError
+
+DTYPES = ("float32", "bfloat16")
+
+
+class NanoGroup(click.Group):
+    """Turns a NanoError anywhere below into one `Error: ...` line and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except NanoError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _dtype(name: str):
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _read_text(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise NanoError(f"{path} does not exist or is not a file")
+    data = p.read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    if not text.strip():
+        raise NanoError(f"{path} is empty: nothing to work on")
+    return text
+
+
+def _print_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=None if isinstance(obj, list) else 2))
+
+
+dtype_option = click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+                            help="Compute dtype; parameters keep their stored precision.")
+
+
+@click.group(cls=NanoGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="nano-distill")
+def cli():
+    """nano: distil a teacher LLM into small on-device students, quantize to 4 bits, export to LiteRT.
+
+    MODEL arguments take a model directory or `gemma3-270m` (the embedded default teacher, imported from its PyPI
+    package on first use and cached under $NANO_CACHE, default ~/.cache/nano).
+    """
+
+
+@cli.command("import-gguf")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def import_gguf_cmd(file, out, force):
+    """Import a Gemma 3 GGUF FILE (any quantization) as a float32 model directory."""
+    from nano.gguf_import import import_gguf
+    from nano.ui import status
+
+    with status(f"importing {file}"):
+        path = import_gguf(file, out, overwrite=force)
+    click.echo(str(path))
+
+
+@cli.command("import-safetensors")
+@click.argument("src", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def import_safetensors_cmd(src, out, force):
+    """Import a Hugging Face-format Gemma 3 checkpoint directory SRC (config.json, *.safetensors, tokenizer.model)."""
+    from nano.safetensors_import import import_safetensors
+    from nano.ui import status
+
+    with status(f"importing {src}"):
+        path = import_safetensors(src, out, overwrite=force)
+    click.echo(str(path))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the config and parameter count as JSON.")
+def info(model, as_json):
+    """Architecture and exact parameter count of MODEL or a preset (nano-1, nano-2, nano-micro, tiny, gemma3-270m).
+
+    Presets are measured with jax.eval_shape: nothing is allocated and no weights are loaded.
+    """
+    from nano.model import abstract_model, count_params
+    from nano.models import resolve_config
+
+    config = resolve_config(model)
+    result = {**config.to_dict(), "params": count_params(abstract_model(config)),
+              "layer_types": list(config.layer_types), "config_hash": config.hash}
+    if as_json:
+        _print_json(result)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{model}: {result['params'] / 1e9:.3f}B parameters", show_header=False)
+    for key, value in result.items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
+    Console().print(table)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--file", "file", required=True, type=click.Path(dir_okay=False), help="Text file to tokenize.")
+@click.option("--json", "as_json", is_flag=True, help="Print the ids as one JSON list.")
+def tokenize(model, file, as_json):
+    """Token ids of a text FILE under MODEL's tokenizer (no BOS added)."""
+    from nano.checkpoint import TOKENIZER_FILE
+    from nano.models import resolve_model_dir
+    from nano.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(resolve_model_dir(model) / TOKENIZER_FILE)
+    ids = tokenizer.encode(_read_text(file))
+    if as_json:
+        _print_json(ids)
+    else:
+        for i in ids:
+            click.echo(f"{i}\t{tokenizer.id_to_piece(i)!r}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False), help="Text file to score.")
+@click.option("--window", default=512, show_default=True, help="Tokens per window, BOS included.")
+@click.option("--batch-size", default=4, show_default=True, help="Windows per forward pass.")
+@dtype_option
+@click.option("--json", "as_json", is_flag=True, help='Print {"ppl": ..., "tokens": ...}.')
+def perplexity(model, text_file, window, batch_size, dtype, as_json):
+    """Perplexity of MODEL on a text file.
+
+    Protocol: tokenize without BOS, cut into consecutive non-overlapping chunks of (window - 1) tokens, put BOS
+    before each chunk, score every text token.
+    """
+    from nano.models import load_model
+    from nano.perplexity import perplexity as compute
+    from nano.ui import progress_bar
+
+    if batch_size < 1:
+        raise NanoError(f"--batch-size must be at least 1, got {batch_size}")
+    text = _read_text(text_file)
+    net, tokenizer = load_model(model, dtype=_dtype(dtype))
+    start = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task("scoring windows", total=None)
+        result = compute(net, tokenizer, text, window=window, batch_size=batch_size,
+                         progress=lambda done, total: bar.update(task, completed=done, total=total))
+    seconds = time.perf_counter() - start
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        click.echo(f"perplexity {result.ppl:.4f} over {result.tokens:,} tokens "
+                   f"({result.tokens / seconds:,.0f} tokens/s, window {window})")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--prompt", required=True, help="Text to continue (BOS is put in front).")
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=int, default=None, help="Sample among the K most likely tokens.")
+@click.option("--top-p", type=float, default=None, help="Sample from the smallest set with mass P.")
+@click.option("--seed", default=0, show_default=True)
+@dtype_option
+def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, dtype):
+    """Stream MODEL's continuation of --prompt; stops at EOS / end-of-turn or --max-new-tokens."""
+    from nano.models import load_model
+    from nano.sampling import Generator, SamplingConfig
+    from nano.ui import console
+
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    if max_new_tokens < 1:
+        raise NanoError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    net, tokenizer = load_model(model, dtype=_dtype(dtype))
+    prompt_ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    generator = Generator(net, sampling)
+    ids, shown, start = [], "", time.perf_counter()
+    first = None
+    for token in generator.stream(prompt_ids, max_new_tokens=max_new_tokens, seed=seed,
+                                  stop_ids=tokenizer.stop_ids):
+        first = first or time.perf_counter()
+        ids.append(token)
+        text = tokenizer.decode(ids)  # decode it all again: a byte piece can be half of a UTF-8 character
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(tokenizer.decode(ids)[len(shown):] + "\n")
+    if ids:
+        rate = (len(ids) - 1) / (time.perf_counter() - first) if len(ids) > 1 else float("nan")
+        console.print(f"[dim]{len(ids)} tokens, first after {first - start:.2f}s, then {rate:.1f} tokens/s[/]")
+
+
+@cli.command()
+@click.option("--split", type=click.Choice(["train", "heldout"]), default="heldout", show_default=True)
+@click.option("--max-chars", type=int, default=None, help="Cut the text to at most this many characters.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Text file to write.")
+def corpus(split, max_chars, out):
+    """Write a split of the default corpus (this Python's standard-library sources, split by file) to --out."""
+    from nano.corpus import corpus_files, corpus_text
+
+    text = corpus_text(split, max_chars=max_chars)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text, encoding="utf-8")
+    click.echo(f"{out}: {len(text):,} characters from the {split} split ({len(corpus_files(split))} files)")
+
+
+def main() -> None:
+    cli(prog_name="nano")

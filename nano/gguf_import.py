@@ -1,0 +1,103 @@
+"""Import a Gemma 3 GGUF (any tensor type the gguf package dequantizes) as a model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from nano.checkpoint import save_model_dir
+from nano.config import ModelConfig
+from nano.errors import NanoError
+from nano.names import GGUF, name_table
+from nano.tokenizer import Tokenizer, tokenizer_from_gguf
+
+_GEMMA3_27B_LAYERS = 62  # llama.cpp: only the 27B model scales queries by (d_model / heads) instead of head_dim
+_GLOBAL_EVERY = 6  # Gemma 3's five local layers per global one; GGUF does not store the pattern
+
+
+def open_gguf(path: str | Path):
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise NanoError(f"{path} does not exist or is not a file")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on damaged files
+        raise NanoError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
+
+
+def _field(reader, key, default=None, *, required=True):
+    field = reader.fields.get(key)
+    if field is None:
+        if required and default is None:
+            raise NanoError(f"GGUF metadata lacks {key}")
+        return default
+    return field.contents()
+
+
+def config_from_gguf(reader) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != "gemma3":
+        raise NanoError(f"unknown architecture {arch!r} in GGUF; nano imports Gemma 3 ('gemma3') models")
+
+    def meta(key, default=None):
+        return _field(reader, f"gemma3.{key}", default)
+
+    num_layers, d_model = int(meta("block_count")), int(meta("embedding_length"))
+    num_heads = int(meta("attention.head_count"))
+    rope_scaling = _field(reader, "gemma3.rope.scaling.type", "none", required=False)
+    softcap = _field(reader, "gemma3.final_logit_softcapping", 0.0, required=False)
+    try:
+        return ModelConfig(
+            vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data),
+            d_model=d_model,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=int(meta("attention.head_count_kv")),
+            head_dim=int(meta("attention.key_length")),
+            ffn_dim=int(meta("feed_forward_length")),
+            sliding_window=int(meta("attention.sliding_window")),
+            global_every=_GLOBAL_EVERY,
+            rope_base_global=float(meta("rope.freq_base")),
+            rope_scale_global=float(_field(reader, "gemma3.rope.scaling.factor", 1.0)) if rope_scaling == "linear"
+            else 1.0,
+            norm_eps=float(meta("attention.layer_norm_rms_epsilon")),
+            query_pre_attn_scalar=d_model / num_heads if num_layers == _GEMMA3_27B_LAYERS else None,
+            final_logit_softcap=float(softcap) or None,
+            max_seq_len=int(meta("context_length")),
+        )
+    except KeyError as e:
+        raise NanoError(f"GGUF metadata lacks {e.args[0]}") from None
+    except ValueError as e:
+        raise NanoError(f"GGUF metadata describes an impossible model: {e}") from None
+
+
+def params_from_gguf(reader, config: ModelConfig) -> dict[str, np.ndarray]:
+    """Dequantize every tensor to float32 and map it onto our names (kernels transposed to [in, out])."""
+    import gguf
+
+    tensors = {t.name: t for t in reader.tensors}
+    params = {}
+    for ours, (theirs, kind) in name_table(config.num_layers, GGUF).items():
+        if theirs not in tensors:
+            raise NanoError(f"GGUF lacks tensor {theirs}")
+        t = tensors[theirs]
+        try:
+            value = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        except NotImplementedError:
+            raise NanoError(f"{theirs}: tensor type {t.tensor_type.name} cannot be dequantized") from None
+        except ValueError as e:
+            raise NanoError(f"{theirs}: damaged tensor data ({e})") from None
+        params[ours] = np.ascontiguousarray(value.T) if kind == "kernel" else value
+    return params
+
+
+def import_gguf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    reader = open_gguf(path)
+    config = config_from_gguf(reader)
+    tokenizer: Tokenizer = tokenizer_from_gguf(reader)
+    params = params_from_gguf(reader, config)
+    provenance = f'{{"source": "{Path(path).name}", "format": "gguf"}}\n'
+    return save_model_dir(config, params, tokenizer, out, overwrite=overwrite, extra={"source.json": provenance})

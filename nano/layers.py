@@ -1,0 +1,74 @@
+"""The decoder's building blocks: RMSNorm, Linear, the (tied) embedding, rotary position embedding.
+
+Every weight multiplication goes through `matmul_weight`, so a later weight format (int4 codes + scales) is
+handled in one place and every stage runs it through the same modules.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def matmul_weight(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """x [..., in] @ weight [in, out] in x's dtype (the compute dtype), accumulating in float32."""
+    return jnp.matmul(x, weight.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / rms(x) * scale, computed in float32.
+
+    `scale` is the full multiplier (GGUF convention, which already holds the +1 of Gemma's `(1 + w)`), so it is
+    initialised to ones.
+    """
+
+    def __init__(self, dim: int, *, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """A bias-free projection with kernel [in, out], initialised with variance 1/in."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, rngs: nnx.Rngs):
+        init = jax.nn.initializers.lecun_normal()
+        self.kernel = nnx.Param(init(rngs.params(), (in_dim, out_dim), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return matmul_weight(x, self.kernel[...])
+
+
+class Embedder(nnx.Module):
+    """Token embedding [vocab, d_model], also the output head (tied), as in every Gemma."""
+
+    def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs):
+        # std 1/sqrt(d): after the sqrt(d) input scaling activations start near unit scale, and the tied head
+        # gives unit-scale logits from normalised states.
+        init = jax.nn.initializers.normal(stddev=d_model**-0.5)
+        self.embedding = nnx.Param(init(rngs.params(), (vocab_size, d_model), jnp.float32))
+
+    def encode(self, tokens: jax.Array, dtype) -> jax.Array:
+        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+        # Gemma multiplies by sqrt(d_model) rounded to the compute dtype.
+        return x * jnp.asarray(self.embedding[...].shape[-1] ** 0.5, dtype)
+
+    def decode(self, x: jax.Array) -> jax.Array:
+        """Logits [..., vocab] in float32."""
+        w = self.embedding[...].astype(x.dtype)
+        return jnp.matmul(x, w.T, preferred_element_type=jnp.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float = 1.0) -> jax.Array:
+    """Rotary embedding, split-half (NEOX) layout. x [B, T, heads, head_dim], positions [B, T]."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = (positions.astype(jnp.float32) / scale)[..., None] * inv_freq  # [B, T, half]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

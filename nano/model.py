@@ -1,0 +1,187 @@
+"""One Gemma-3-family decoder for every stage: training, distillation, evaluation, sampling and export.
+
+    logits, cache = model(tokens, positions, segment_ids=..., cache=...)
+
+Without a cache the call scores a full (possibly packed) sequence; with a cache it writes the chunk's keys and
+values at `positions` and attends over the cache, so prefill and token-by-token decoding are the same call.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nano.config import GLOBAL, ModelConfig
+from nano.layers import Embedder, Linear, RMSNorm, apply_rope
+
+_MASKED = -1e30  # a finite "minus infinity": a fully masked row cannot produce NaN
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer, each [batch, kv_heads, length, head_dim]; slot j holds position j."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, length: int, *, dtype=jnp.float32) -> "KVCache":
+        shape = (batch, config.num_kv_heads, length, config.head_dim)
+        def zeros():  # distinct buffers, so a jitted step may donate (update in place) each of them
+            return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+
+        return cls(k=zeros(), v=zeros())
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[2]
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, window: int | None, causal_by_index: bool,
+                   q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> jax.Array:
+    """Boolean [B, T, S]: which key each query may see.
+
+    Causality compares indices within one full sequence (packed documents restart their positions), and cache
+    slots by position. The sliding window always compares positions.
+    """
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    if causal_by_index:
+        t, s = q_pos.shape[1], k_pos.shape[1]
+        mask = (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])[None]
+    else:
+        mask = kp <= qp
+    if window is not None:
+        mask = mask & (qp - kp < window)
+    if q_seg is not None:
+        mask = mask & (q_seg[:, :, None] == k_seg[:, None, :])
+    return mask
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.query_scale = c.query_scale
+        self.is_global = layer_type == GLOBAL
+        self.window = None if self.is_global else c.sliding_window
+        self.rope_base = c.rope_base_global if self.is_global else c.rope_base_local
+        self.rope_scale = c.rope_scale_global if self.is_global else 1.0
+        self.q_proj = Linear(c.d_model, c.num_heads * c.head_dim, rngs=rngs)
+        self.k_proj = Linear(c.d_model, c.num_kv_heads * c.head_dim, rngs=rngs)
+        self.v_proj = Linear(c.d_model, c.num_kv_heads * c.head_dim, rngs=rngs)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.d_model, rngs=rngs)
+        self.q_norm = RMSNorm(c.head_dim, eps=c.norm_eps)
+        self.k_norm = RMSNorm(c.head_dim, eps=c.norm_eps)
+
+    def __call__(self, x, positions, segment_ids=None, kv=None):
+        b, t, _ = x.shape
+        kvh, g, hd = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        q = self.q_norm(self.q_proj(x).reshape(b, t, self.num_heads, hd))  # [B, T, H, hd]
+        k = self.k_norm(self.k_proj(x).reshape(b, t, kvh, hd))  # [B, T, KVH, hd]
+        v = self.v_proj(x).reshape(b, t, kvh, hd)
+        q = apply_rope(q, positions, base=self.rope_base, scale=self.rope_scale) * jnp.asarray(self.query_scale, x.dtype)
+        k = apply_rope(k, positions, base=self.rope_base, scale=self.rope_scale)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, hd]
+
+        if kv is None:
+            keys, values = k, v
+            mask = attention_mask(positions, positions, window=self.window, causal_by_index=True,
+                                  q_seg=segment_ids, k_seg=segment_ids)
+        else:  # write this chunk at its positions, then attend over every cache slot
+            start = positions[:, 0]
+            write = jax.vmap(lambda cache, new, s: jax.lax.dynamic_update_slice_in_dim(cache, new, s, axis=1))
+            keys, values = write(kv[0], k.astype(kv[0].dtype), start), write(kv[1], v.astype(kv[1].dtype), start)
+            slots = jnp.broadcast_to(jnp.arange(keys.shape[2]), (b, keys.shape[2]))
+            mask = attention_mask(positions, slots, window=self.window, causal_by_index=False)
+
+        # Plain batched matmuls over [B, KVH, G*T, hd]: the query heads sharing a KV head are stacked with time,
+        # which exports to batch-matmul without broadcasting the keys (faster than an einsum over groups).
+        qg = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
+        scores = jnp.matmul(qg, keys.astype(x.dtype).transpose(0, 1, 3, 2), preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, kvh, g, t, -1)
+        scores = jnp.where(mask[:, None, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype).reshape(b, kvh, g * t, -1)
+        out = jnp.matmul(probs, values.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        out = out.reshape(b, kvh, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, self.num_heads * hd)
+        return self.o_proj(out), (None if kv is None else (keys, values))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.gate = Linear(config.d_model, config.ffn_dim, rngs=rngs)
+        self.up = Linear(config.d_model, config.ffn_dim, rngs=rngs)
+        self.down = Linear(config.ffn_dim, config.d_model, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.gelu(self.gate(x), approximate=True) * self.up(x))
+
+
+class Block(nnx.Module):
+    """Pre- and post-norm around both attention and MLP, as in Gemma 2 and 3."""
+
+    def __init__(self, config: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+        eps = config.norm_eps
+        self.attn_norm = RMSNorm(config.d_model, eps=eps)
+        self.attn = Attention(config, layer_type, rngs=rngs)
+        self.post_attn_norm = RMSNorm(config.d_model, eps=eps)
+        self.mlp_norm = RMSNorm(config.d_model, eps=eps)
+        self.mlp = MLP(config, rngs=rngs)
+        self.post_mlp_norm = RMSNorm(config.d_model, eps=eps)
+
+    def __call__(self, x, positions, segment_ids=None, kv=None):
+        h, kv = self.attn(self.attn_norm(x), positions, segment_ids, kv)
+        x = x + self.post_attn_norm(h)
+        x = x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
+        return x, kv
+
+
+class Decoder(nnx.Module):
+    """The Gemma 3 decoder. `dtype` is the compute dtype (float32 or bfloat16); parameters stay as stored."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.config = config
+        self.dtype = dtype
+        self.embedder = Embedder(config.vocab_size, config.d_model, rngs=rngs)
+        self.layers = nnx.List([Block(config, t, rngs=rngs) for t in config.layer_types])
+        self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+        """tokens [B, T] int → (logits [B, T, vocab] float32, updated cache or None).
+
+        positions [B, T] default to 0..T-1 and are required with a cache. segment_ids [B, T] keep packed
+        documents from attending to each other (full sequences only).
+        """
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required when decoding with a cache")
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids apply to full sequences, not cached decoding")
+        x = self.embedder.encode(tokens, self.dtype)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, positions, segment_ids, None if cache is None else (cache.k[i], cache.v[i]))
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        logits = self.embedder.decode(self.final_norm(x))
+        if self.config.final_logit_softcap is not None:
+            cap = self.config.final_logit_softcap
+            logits = jnp.tanh(logits / cap) * cap
+        return logits, (None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)))
+
+
+def init_model(config: ModelConfig, *, seed: int = 0, dtype=jnp.float32) -> Decoder:
+    return Decoder(config, rngs=nnx.Rngs(seed), dtype=dtype)
+
+
+def abstract_model(config: ModelConfig, *, dtype=jnp.float32) -> Decoder:
+    """The model with ShapeDtypeStructs for parameters: shapes and counts without allocating."""
+    return nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype))
+
+
+def count_params(model: Decoder) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,128 @@
+"""The SentencePiece tokenizer: loaded from `tokenizer.model`, or rebuilt from a GGUF file's metadata.
+
+A student's vocabulary is always its teacher's, so every model directory carries the same `tokenizer.model`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+from nano.errors import NanoError
+
+# GGUF token types share SentencePiece's numbering (NORMAL=1, UNKNOWN=2, CONTROL=3, USER_DEFINED=4, UNUSED=5,
+# BYTE=6); only the values are checked here.
+_USER_DEFINED = 4
+_SPM_TYPES = {1, 2, 3, 4, 5, 6}
+
+
+class Tokenizer:
+    """Text ↔ ids. `encode` adds no BOS: callers decide where sequences start."""
+
+    def __init__(self, model_proto: bytes):
+        self.proto = model_proto
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        try:
+            return cls(Path(path).read_bytes())
+        except FileNotFoundError:
+            raise NanoError(f"missing tokenizer: {path}") from None
+        except RuntimeError as e:  # sentencepiece's parse failure
+            raise NanoError(f"{path} is not a SentencePiece model ({e})") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.proto)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """EOS, and Gemma's end-of-turn marker where the vocabulary has one."""
+        end_of_turn = self.sp.piece_to_id("<end_of_turn>")
+        return (self.eos_id,) if end_of_turn == self.sp.unk_id() else (self.eos_id, end_of_turn)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+
+def _string_array(field) -> list[str]:
+    return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+
+def _scalar_array(field) -> np.ndarray:
+    return np.array([field.parts[i][0] for i in field.data])
+
+
+def tokenizer_from_gguf(reader) -> Tokenizer:
+    """Rebuild the SentencePiece model of a Gemma-style ('llama' tokenizer) GGUF.
+
+    Settings that reproduce llama.cpp's ids: BPE with byte fallback, identity normaliser (no NFKC), no dummy
+    prefix, whitespace kept as is, digits split. GGUF stores user-defined pieces with ' ' where SentencePiece
+    wants '▁', so those get it back.
+    """
+    fields = reader.fields
+    model = fields.get("tokenizer.ggml.model")
+    if model is None or model.contents() != "llama":
+        found = None if model is None else model.contents()
+        raise NanoError(f"GGUF tokenizer is {found!r}; only SentencePiece ('llama') tokenizers can be rebuilt")
+    try:
+        pieces = _string_array(fields["tokenizer.ggml.tokens"])
+        scores = _scalar_array(fields["tokenizer.ggml.scores"]).astype(np.float32)
+        types = _scalar_array(fields["tokenizer.ggml.token_type"]).astype(int)
+    except KeyError as e:
+        raise NanoError(f"GGUF has no tokenizer field {e.args[0]}") from None
+    if not (len(pieces) == len(scores) == len(types)) or not set(types.tolist()) <= _SPM_TYPES:
+        raise NanoError("GGUF tokenizer tokens, scores and types disagree")
+
+    def special_id(name, default):
+        field = fields.get(f"tokenizer.ggml.{name}_token_id")
+        return int(field.contents()) if field is not None else default
+
+    proto = sp_pb2.ModelProto()
+    for piece, score, kind in zip(pieces, scores, types):
+        if kind == _USER_DEFINED:
+            piece = piece.replace(" ", "▁")
+        proto.pieces.add(piece=piece, score=float(score), type=int(kind))
+    t = proto.trainer_spec
+    t.model_type = sp_pb2.TrainerSpec.BPE
+    t.vocab_size = len(pieces)
+    t.byte_fallback = True
+    t.split_digits = True
+    t.allow_whitespace_only_pieces = True
+    # SentencePiece finds its special ids by piece name, so both the ids and the names are set.
+    for name, default in (("unk", 3), ("bos", 2), ("eos", 1), ("pad", 0)):
+        i = special_id("unknown" if name == "unk" else "padding" if name == "pad" else name, default)
+        setattr(t, f"{name}_id", i)
+        setattr(t, f"{name}_piece", pieces[i])
+    proto.pieces[t.unk_id].type = sp_pb2.ModelProto.SentencePiece.UNKNOWN  # GGUF marks it CONTROL
+    n = proto.normalizer_spec
+    n.name = "identity"
+    n.add_dummy_prefix = False
+    n.remove_extra_whitespaces = False
+    n.escape_whitespaces = True
+    return Tokenizer(proto.SerializeToString())

