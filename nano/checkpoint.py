@@ -36,9 +36,15 @@ def flat_params(model: Decoder) -> dict[str, jax.Array]:
     return {param_path(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every parameter the config needs (nothing allocated)."""
+    state = nnx.state(abstract_model(config), nnx.Param)
+    return {param_path(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}
+
+
 def check_params(config: ModelConfig, params: dict[str, np.ndarray], *, source: str = "parameters") -> None:
     """Strict loading: every name the config needs is present, none extra, shapes equal."""
-    expected = {param_path(p): v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))}
+    expected = param_shapes(config)
     missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
     if missing or extra:
         raise NanoError(f"{source} do not match the config: missing {missing[:4]}, unexpected {extra[:4]}")
@@ -49,12 +55,16 @@ def check_params(config: ModelConfig, params: dict[str, np.ndarray], *, source: 
 
 def model_from_flat(config: ModelConfig, params: dict[str, np.ndarray], *, dtype=jnp.float32,
                     source: str = "parameters") -> Decoder:
-    """Build the model from flat parameters (checked strictly first)."""
+    """Build the model from flat parameters (checked strictly first), stored in `dtype`.
+
+    A loaded model is for inference, so its parameters take the compute dtype: bfloat16 halves the bytes every
+    decoded token reads. Training code that wants float32 masters with bfloat16 compute sets `model.dtype`.
+    """
     check_params(config, params, source=source)
     model = abstract_model(config, dtype=dtype)
     state = nnx.state(model, nnx.Param)
     for path, var in nnx.to_flat_state(state):
-        var.set_value(jnp.asarray(params[param_path(path)], jnp.float32))
+        var.set_value(jnp.asarray(params[param_path(path)], dtype))
     nnx.update(model, state)
     return model
 

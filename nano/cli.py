@@ -110,7 +110,9 @@ def info(model, as_json):
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{model}: {result['params'] / 1e9:.3f}B parameters", show_header=False)
+    params = result["params"]
+    size = f"{params / 1e9:.3f}B" if params >= 1e9 else f"{params / 1e6:.3f}M"
+    table = Table(title=f"{model}: {size} parameters", show_header=False)
     for key, value in result.items():
         table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
     Console().print(table)

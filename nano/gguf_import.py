@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nano.checkpoint import save_model_dir
+from nano.checkpoint import param_shapes, save_model_dir
 from nano.config import ModelConfig
 from nano.errors import NanoError
 from nano.names import GGUF, name_table
@@ -14,6 +14,7 @@ from nano.tokenizer import Tokenizer, tokenizer_from_gguf
 
 _GEMMA3_27B_LAYERS = 62  # llama.cpp: only the 27B model scales queries by (d_model / heads) instead of head_dim
 _GLOBAL_EVERY = 6  # Gemma 3's five local layers per global one; GGUF does not store the pattern
+_UNTIED_HEAD = "output.weight"
 
 
 def open_gguf(path: str | Path):
@@ -61,6 +62,8 @@ def config_from_gguf(reader) -> ModelConfig:
             sliding_window=int(meta("attention.sliding_window")),
             global_every=_GLOBAL_EVERY,
             rope_base_global=float(meta("rope.freq_base")),
+            # Newer converters store the local base; llama.cpp's Gemma 3 loader assumes 10,000 when it is absent.
+            rope_base_local=float(_field(reader, "gemma3.rope.freq_base_swa", 10_000.0, required=False)),
             rope_scale_global=float(_field(reader, "gemma3.rope.scaling.factor", 1.0)) if rope_scaling == "linear"
             else 1.0,
             norm_eps=float(meta("attention.layer_norm_rms_epsilon")),
@@ -79,19 +82,34 @@ def params_from_gguf(reader, config: ModelConfig) -> dict[str, np.ndarray]:
     import gguf
 
     tensors = {t.name: t for t in reader.tensors}
+    expected = param_shapes(config)
     params = {}
     for ours, (theirs, kind) in name_table(config.num_layers, GGUF).items():
         if theirs not in tensors:
             raise NanoError(f"GGUF lacks tensor {theirs}")
-        t = tensors[theirs]
-        try:
-            value = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        except NotImplementedError:
-            raise NanoError(f"{theirs}: tensor type {t.tensor_type.name} cannot be dequantized") from None
-        except ValueError as e:
-            raise NanoError(f"{theirs}: damaged tensor data ({e})") from None
+        value = _dequantize(tensors[theirs])
+        want = expected[ours][::-1] if kind == "kernel" else expected[ours]  # GGUF kernels are [out, in]
+        if value.shape != want:
+            raise NanoError(f"GGUF tensor {theirs} has shape {value.shape}, the config needs {want}")
         params[ours] = np.ascontiguousarray(value.T) if kind == "kernel" else value
+    if _UNTIED_HEAD in tensors:  # our decoder ties the head to the embedding, as every Gemma does
+        head = _dequantize(tensors[_UNTIED_HEAD])
+        embedding = params["embedder.embedding"]
+        if head.shape != embedding.shape or not np.allclose(head, embedding, atol=np.abs(embedding).max() / 64):
+            raise NanoError(f"GGUF has an output head ({_UNTIED_HEAD}) that differs from the embedding; "
+                            "nano models tie them")
     return params
+
+
+def _dequantize(tensor) -> np.ndarray:
+    import gguf
+
+    try:
+        return gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+    except NotImplementedError:
+        raise NanoError(f"{tensor.name}: tensor type {tensor.tensor_type.name} cannot be dequantized") from None
+    except ValueError as e:
+        raise NanoError(f"{tensor.name}: damaged tensor data ({e})") from None
 
 
 def import_gguf(path: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:

@@ -138,7 +138,7 @@ class Block(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """The Gemma 3 decoder. `dtype` is the compute dtype (float32 or bfloat16); parameters stay as stored."""
+    """The Gemma 3 decoder. `dtype` is the compute dtype (float32 or bfloat16); parameters are cast to it at use."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = config

@@ -25,6 +25,7 @@ def test_round_trip_is_exact(tiny_model, tiny_model_dir):
 def test_load_in_bfloat16_computes_in_bfloat16(tiny_model_dir):
     model, _ = load_model_dir(tiny_model_dir, dtype=jnp.bfloat16)
     assert model.dtype == jnp.bfloat16
+    assert model.layers[0].mlp.up.kernel[...].dtype == jnp.bfloat16  # cast once, at load
     assert model.embedder.encode(jnp.array([[1]]), model.dtype).dtype == jnp.bfloat16
 
 
