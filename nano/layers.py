@@ -45,7 +45,7 @@ class Linear(nnx.Module):
 
 
 class Embedder(nnx.Module):
-    """Token embedding [vocab, d_model], also the output head (tied), as in every Gemma."""
+    """Token embedding [vocab, d_model], also the output head (tied, `Decoder.head`), as in every Gemma."""
 
     def __init__(self, vocab_size: int, d_model: int, *, rngs: nnx.Rngs):
         # std 1/sqrt(d): after the sqrt(d) input scaling activations start near unit scale, and the tied head
@@ -58,10 +58,6 @@ class Embedder(nnx.Module):
         # Gemma multiplies by sqrt(d_model) rounded to the compute dtype.
         return x * jnp.asarray(self.embedding[...].shape[-1] ** 0.5, dtype)
 
-    def decode(self, x: jax.Array) -> jax.Array:
-        """Logits [..., vocab] in float32."""
-        w = self.embedding[...].astype(x.dtype)
-        return jnp.matmul(x, w.T, preferred_element_type=jnp.float32)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float = 1.0) -> jax.Array:

@@ -148,11 +148,12 @@ class Decoder(nnx.Module):
         self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
-                 segment_ids: jax.Array | None = None, cache: KVCache | None = None):
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None, return_hidden: bool = False):
         """tokens [B, T] int → (logits [B, T, vocab] float32, updated cache or None).
 
         positions [B, T] default to 0..T-1 and are required with a cache. segment_ids [B, T] keep packed
-        documents from attending to each other (full sequences only).
+        documents from attending to each other (full sequences only). `return_hidden` returns the final-normed
+        hidden states [B, T, d_model] instead of logits, for losses that apply `head` in vocabulary chunks.
         """
         if positions is None:
             if cache is not None:
@@ -167,11 +168,21 @@ class Decoder(nnx.Module):
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        logits = self.embedder.decode(self.final_norm(x))
+        hidden = self.final_norm(x)
+        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
+        return (hidden if return_hidden else self.head(hidden)), new_cache
+
+    def head(self, hidden: jax.Array, embedding: jax.Array | None = None) -> jax.Array:
+        """Logits (float32) from final hidden states through the tied embedding, softcapped if configured.
+
+        `embedding` may be a slice of vocabulary rows [V', d_model], giving the logits of those tokens only.
+        """
+        w = self.embedder.embedding[...] if embedding is None else embedding
+        logits = jnp.matmul(hidden, w.astype(hidden.dtype).T, preferred_element_type=jnp.float32)
         if self.config.final_logit_softcap is not None:
             cap = self.config.final_logit_softcap
             logits = jnp.tanh(logits / cap) * cap
-        return logits, (None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v)))
+        return logits
 
 
 def init_model(config: ModelConfig, *, seed: int = 0, dtype=jnp.float32) -> Decoder:

@@ -142,3 +142,14 @@ def test_cache_misuse_is_refused(tiny_model):
     with pytest.raises(ValueError, match="segment_ids"):
         run(tiny_model, tokens, _positions(1, 0, 4), segment_ids=jnp.ones((1, 4), jnp.int32),
                    cache=KVCache.zeros(TINY, 1, 8))
+
+
+def test_head_applied_to_hidden_states_equals_logits(tiny_model):
+    tokens = _tokens(1, 10, seed=9)
+    logits, _ = run(tiny_model, tokens)
+    hidden, _ = tiny_model(tokens, return_hidden=True)
+    assert hidden.shape == (1, 10, TINY.d_model)
+    assert np.allclose(tiny_model.head(hidden), logits, atol=1e-5)
+    rows = jnp.array([3, 77, 500])  # a vocabulary slice gives those columns
+    part = tiny_model.head(hidden, tiny_model.embedder.embedding[...][rows])
+    assert np.allclose(part, logits[..., rows], atol=1e-5)
