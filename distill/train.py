@@ -36,10 +36,14 @@ class OptimConfig:
     b2: float = 0.95
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
+def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
         decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.final_lr_fraction)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    schedule = make_schedule(cfg)
     # No weight decay on norm scales: decaying a multiplier initialised at 1 pulls it towards 0.
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
         lambda path, _: not _name(path).endswith(".scale"), params)
@@ -66,12 +70,10 @@ def state_shardings(abstract: TrainState, mesh: Mesh) -> TrainState:
 
     def leaf(path, x):
         name = _name(path)
-        if hasattr(x, "shape") and x.ndim and not name.endswith(("count", "step")):
-            for marker in ("params.", "mu.", "nu."):  # opt_state leaves end in the parameter's own path
-                if marker in name:
-                    name = name.split(marker, 1)[1]
-            return NamedSharding(mesh, param_spec(name, x.shape, mesh))
-        return replicated(mesh)
+        for marker in ("params.", "mu.", "nu."):  # Adam's moments carry their parameter's path after mu./nu.
+            if marker in name:
+                return NamedSharding(mesh, param_spec(name.split(marker, 1)[1], x.shape, mesh))
+        return replicated(mesh)  # step, RNG, counts
 
     return jax.tree_util.tree_map_with_path(leaf, abstract)
 
@@ -89,7 +91,7 @@ def init_state(config: ModelConfig, optimizer: optax.GradientTransformation, *, 
                           opt_state=optimizer.init(model_params), rng=jax.random.fold_in(key, 1))
 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
-    key = jax.random.key(seed)
+    key = jax.random.PRNGKey(seed)  # a raw uint32 key: checkpoints store it like any array
     shardings = state_shardings(jax.eval_shape(create, key), mesh)
     return graphdef, jax.jit(create, out_shardings=shardings)(key)
 
