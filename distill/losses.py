@@ -1,0 +1,255 @@
+"""Distillation losses: forward KL, reverse KL and generalised JSD(β) at a temperature, mixed with cross-entropy.
+
+    loss, metrics = distill_loss(student_logits, targets, weights, teacher, kind="fkl", alpha=0.0, temperature=1.0)
+    loss, metrics = distill_loss_from_hidden(hidden, model.head, embedding, targets, weights, sparse_teacher, ...)
+
+loss = α·CE + (1 − α)·τ²·KD, each a weighted mean over tokens. CE is the next-token cross-entropy on the data's
+`targets` at temperature 1 (the caller shifts: targets[:, t] is the token after position t). KD compares the
+teacher P = softmax(t/τ) with the student Q = softmax(s/τ), and is multiplied by τ² so its gradients keep their
+scale as τ changes (Hinton et al. 2015). Kinds:
+
+- "fkl": KL(P‖Q), forward (mode covering; what Gemma 3 uses).
+- "rkl": KL(Q‖P), reverse (mode seeking; MiniLLM).
+- "jsd": generalised JSD(β) = β·KL(P‖M) + (1 − β)·KL(Q‖M), M = βP + (1 − β)Q (GKD's convention; β = 0.5 is the
+  symmetric Jensen-Shannon divergence, bounded by log 2). 0 < β < 1: JSD(β) → 0 at both ends, where
+  JSD(β)/β → KL(P‖Q) and JSD(β)/(1 − β) → KL(Q‖P); use "fkl" or "rkl" for those limits.
+- "ce": cross-entropy only (α is ignored); no teacher needed.
+
+The teacher is full logits [B, T, V] or a `SparseTeacher` (k ids per token with their full-vocabulary log-probs,
+as Gemma 3 stores 256 sampled teacher logits per token). With a sparse teacher, P̃ is the teacher renormalised over
+its k ids at τ. "fkl" is the cross-entropy of P̃ against the student's full-vocabulary log-softmax, minus P̃'s
+entropy: Σ P̃ log(P̃/Q) ≥ 0, and 0 only when the student matches the teacher and puts no mass outside the k ids.
+"rkl" and "jsd" restrict the student to the same k ids too, renormalised there (a reverse KL needs the teacher
+everywhere the student has mass). Ids whose teacher log-prob is -inf (k above the teacher's support) are left out.
+
+`distill_loss_from_hidden` never builds [B, T, V] student logits: it scans the vocabulary in chunks (online
+logsumexp, the logits at the teacher ids and targets picked up chunk by chunk) and recomputes each chunk on the
+backward pass, so peak memory is [B, T, vocab_chunk]. A softcap in `head_fn` is elementwise, so this is exact.
+
+kind, alpha, temperature, beta and vocab_chunk are Python values (static under jit); weights may be fractional.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+KINDS = ("ce", "fkl", "rkl", "jsd")
+_NEG = -1e30  # a finite "minus infinity" for log-probs: exp gives exactly 0, differences and gradients stay finite
+
+
+@flax.struct.dataclass
+class SparseTeacher:
+    """k teacher tokens per position: `ids` [B, T, k] int32 and their log-probs [B, T, k] float32 at temperature 1
+    over the full vocabulary (as an offline cache stores them; the loss renormalises over the k ids)."""
+
+    ids: jax.Array
+    logprobs: jax.Array
+
+
+def sparse_from_logits(teacher_logits: jax.Array, k: int = 256, *, mode: str = "sample",
+                       key: jax.Array | None = None) -> SparseTeacher:
+    """The k largest teacher tokens (mode "top") or k drawn by teacher probability without replacement (mode
+    "sample", the Gumbel-top-k trick: the k largest of log p + Gumbel noise; ids come in draw order, the first
+    being an ordinary sample). Needs `key` for sampling. Zero-probability ids are drawn last, with log-prob -inf."""
+    vocab = teacher_logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be between 1 and the vocabulary size {vocab}, got {k}")
+    logprobs = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+    if mode == "top":
+        scores = logprobs
+    elif mode == "sample":
+        if key is None:
+            raise ValueError("mode='sample' needs a PRNG key")
+        scores = logprobs + jax.random.gumbel(key, logprobs.shape, jnp.float32)
+    else:
+        raise ValueError(f"mode must be 'sample' or 'top', got {mode!r}")
+    _, ids = jax.lax.top_k(scores, k)
+    return SparseTeacher(ids=ids.astype(jnp.int32), logprobs=jnp.take_along_axis(logprobs, ids, axis=-1))
+
+
+def _kl(logp: jax.Array, logq: jax.Array) -> jax.Array:
+    """Σ p (log p − log q) over the last axis; entries with log p at the _NEG floor contribute 0."""
+    return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+
+
+def divergence(logp: jax.Array, logq: jax.Array, *, kind: str, beta: float = 0.5) -> jax.Array:
+    """The divergence of teacher P from student Q (kind "fkl", "rkl" or "jsd"), from log-probs normalised over the
+    same last axis, per position and unscaled (no τ²). Use _NEG rather than -inf for zero probabilities."""
+    if kind == "fkl":
+        return _kl(logp, logq)
+    if kind == "rkl":
+        return _kl(logq, logp)
+    if kind == "jsd":
+        logm = jnp.logaddexp(math.log(beta) + logp, math.log1p(-beta) + logq)  # log(βP + (1 − β)Q)
+        return beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
+    raise ValueError(f"kind must be 'fkl', 'rkl' or 'jsd', got {kind!r}")
+
+
+def _full_kd(student_logits, teacher_logits, *, kind, temperature, beta):
+    """Per-token divergence [B, T] between full teacher and student logits at τ (τ² not applied)."""
+    logp = jax.nn.log_softmax(jnp.maximum(teacher_logits.astype(jnp.float32) / temperature, _NEG), axis=-1)
+    logq = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    return divergence(logp, logq, kind=kind, beta=beta)
+
+
+def sparse_logprobs(teacher: SparseTeacher, temperature: float = 1.0) -> jax.Array:
+    """log P̃ [B, T, k]: the teacher at temperature τ renormalised over its k ids (softmax of logprobs / τ, which
+    is softmax(logits / τ) restricted to the ids). Ids with log-prob -inf (or NaN) get _NEG: probability 0."""
+    valid = jnp.isfinite(teacher.logprobs)
+    return jax.nn.log_softmax(jnp.where(valid, teacher.logprobs.astype(jnp.float32) / temperature, _NEG), axis=-1)
+
+
+def _sparse_kd(student_at_ids, student_lse, teacher: SparseTeacher, *, kind, temperature, beta):
+    """Per-token divergence [B, T] against a sparse teacher (τ² not applied).
+
+    student_at_ids [B, T, k]: the student's raw logits at the teacher ids; student_lse [B, T]: logsumexp over the
+    whole vocabulary of the student's logits / τ."""
+    logp = sparse_logprobs(teacher, temperature)
+    scaled = student_at_ids.astype(jnp.float32) / temperature
+    if kind == "fkl":  # against the student's full-vocabulary distribution
+        return _kl(logp, scaled - student_lse[..., None])
+    valid = jnp.isfinite(teacher.logprobs)
+    logq = jax.nn.log_softmax(jnp.where(valid, scaled, _NEG), axis=-1)  # the student restricted to the k ids
+    return divergence(logp, logq, kind=kind, beta=beta)
+
+
+def _check(kind, alpha, temperature, beta, teacher):
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be strictly between 0 and 1 (use kind 'fkl' or 'rkl' for the limits), got {beta}")
+    if kind != "ce" and teacher is None:
+        raise ValueError(f"kind {kind!r} needs a teacher")
+
+
+def _weighted_mean(x, weights):
+    """Σ w·x / Σ w, where w > 0 (0 if every weight is 0; positions with weight 0 cannot leak NaN or inf)."""
+    w = weights.astype(jnp.float32)
+    total = jnp.sum(w)
+    return jnp.sum(w * jnp.where(w > 0, x, 0.0)) / jnp.where(total > 0, total, 1.0)
+
+
+def _combine(ce, kd, agree, weights, *, kind, alpha, temperature):
+    """(loss, metrics) from per-token CE [B, T], unscaled KD [B, T] and teacher-student top-1 agreement [B, T]."""
+    ce_mean = _weighted_mean(ce, weights)
+    metrics = {"ce": ce_mean, "tokens": jnp.sum(weights.astype(jnp.float32))}
+    if kind == "ce":
+        loss = ce_mean
+        metrics["kd"] = jnp.zeros((), jnp.float32)
+    else:
+        kd_mean = temperature ** 2 * _weighted_mean(kd, weights)
+        loss = alpha * ce_mean + (1.0 - alpha) * kd_mean
+        metrics["kd"] = kd_mean
+        metrics["teacher_student_top1"] = _weighted_mean(agree.astype(jnp.float32), weights)
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def _teacher_top1(teacher):
+    if isinstance(teacher, SparseTeacher):
+        best = jnp.argmax(teacher.logprobs, axis=-1)[..., None]
+        return jnp.take_along_axis(teacher.ids, best, axis=-1)[..., 0]
+    return jnp.argmax(teacher, axis=-1)
+
+
+def kd_per_token(student_logits: jax.Array, teacher: jax.Array | SparseTeacher, *, kind: str,
+                 temperature: float = 1.0, beta: float = 0.5) -> jax.Array:
+    """The divergence [B, T] at each position, unscaled (no τ²), from full student logits [B, T, V]."""
+    if isinstance(teacher, SparseTeacher):
+        at_ids = jnp.take_along_axis(student_logits, teacher.ids, axis=-1)
+        lse = jax.nn.logsumexp(student_logits.astype(jnp.float32) / temperature, axis=-1)
+        return _sparse_kd(at_ids, lse, teacher, kind=kind, temperature=temperature, beta=beta)
+    return _full_kd(student_logits, teacher, kind=kind, temperature=temperature, beta=beta)
+
+
+def distill_loss(student_logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                 teacher: jax.Array | SparseTeacher | None = None, *, kind: str, alpha: float = 0.0,
+                 temperature: float = 1.0, beta: float = 0.5) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, metrics) from full student logits [B, T, V], next tokens `targets` [B, T] and `weights` [B, T]
+    (0 for padding and positions without a next token). `teacher`: logits [B, T, V], a SparseTeacher, or None
+    for kind "ce". Metrics: loss, ce, kd (τ²-scaled), teacher_student_top1, tokens (the weight sum)."""
+    _check(kind, alpha, temperature, beta, teacher)
+    logits = student_logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    ce = jax.nn.logsumexp(logits, axis=-1) - picked
+    if kind == "ce":
+        return _combine(ce, None, None, weights, kind=kind, alpha=alpha, temperature=temperature)
+    kd = kd_per_token(logits, teacher, kind=kind, temperature=temperature, beta=beta)
+    agree = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1)) == _teacher_top1(teacher)
+    return _combine(ce, kd, agree, weights, kind=kind, alpha=alpha, temperature=temperature)
+
+
+def _absorb(carry, logits, start, targets, ids, temperature):
+    """Fold one chunk of student logits [B, T, C] for vocabulary ids start..start+C-1 into the running stats."""
+    lse, lse_tau, at_target, at_ids, best, argbest = carry
+    size = logits.shape[-1]
+
+    def pick(index):  # the logits at `index` [B, T, n] that fall in this chunk, 0 elsewhere
+        local = index - start
+        inside = (local >= 0) & (local < size)
+        return jnp.where(inside, jnp.take_along_axis(logits, jnp.clip(local, 0, size - 1), axis=-1), 0.0)
+
+    lse = jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=-1))
+    lse_tau = lse if temperature == 1.0 else jnp.logaddexp(lse_tau, jax.nn.logsumexp(logits / temperature, axis=-1))
+    at_target = at_target + pick(targets[..., None])[..., 0]
+    at_ids = None if ids is None else at_ids + pick(ids)
+    frozen = jax.lax.stop_gradient(logits)
+    chunk_best = jnp.max(frozen, axis=-1)
+    better = chunk_best > best  # strictly: ties keep the earlier id, as jnp.argmax does
+    argbest = jnp.where(better, jnp.argmax(frozen, axis=-1).astype(jnp.int32) + start, argbest)
+    return lse, lse_tau, at_target, at_ids, jnp.where(better, chunk_best, best), argbest
+
+
+def _chunked_student(hidden, head_fn, embedding, targets, ids, *, temperature, vocab_chunk):
+    """(lse, lse_tau, logit at target, logits at ids, argmax) of head_fn(hidden, embedding), one chunk at a time."""
+    b, t = targets.shape
+    vocab = embedding.shape[0]
+    neg = jnp.full((b, t), -jnp.inf, jnp.float32)
+    at_ids = None if ids is None else jnp.zeros(ids.shape, jnp.float32)
+    carry = (neg, neg, jnp.zeros((b, t), jnp.float32), at_ids, neg, jnp.zeros((b, t), jnp.int32))
+
+    def fold(carry, rows, start):
+        return _absorb(carry, head_fn(hidden, rows).astype(jnp.float32), start, targets, ids, temperature)
+
+    full, rest = divmod(vocab, vocab_chunk)
+    if full:
+        @jax.checkpoint  # keep only the carry per step; the chunk's logits are recomputed for the gradient
+        def step(carry, start):
+            return fold(carry, jax.lax.dynamic_slice_in_dim(embedding, start, vocab_chunk, axis=0), start), None
+
+        carry, _ = jax.lax.scan(step, carry, jnp.arange(full, dtype=jnp.int32) * vocab_chunk)
+    if rest:
+        carry = fold(carry, embedding[full * vocab_chunk:], full * vocab_chunk)
+    lse, lse_tau, at_target, at_ids, _, argbest = carry
+    return lse, lse_tau, at_target, at_ids, argbest
+
+
+def distill_loss_from_hidden(hidden: jax.Array, head_fn, embedding: jax.Array, targets: jax.Array,
+                             weights: jax.Array, teacher: SparseTeacher | None = None, *, kind: str,
+                             alpha: float = 0.0, temperature: float = 1.0, beta: float = 0.5,
+                             vocab_chunk: int = 16384) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`distill_loss` on the logits head_fn(hidden, embedding) without building them: hidden [B, T, d] final
+    states, `head_fn(hidden, rows)` the logits of vocabulary rows [V', d] (e.g. `model.head`), embedding [V, d].
+    Peak memory is [B, T, vocab_chunk]; the teacher must be sparse (or None for kind "ce")."""
+    _check(kind, alpha, temperature, beta, teacher)
+    if teacher is not None and not isinstance(teacher, SparseTeacher):
+        raise ValueError("the chunked loss takes a SparseTeacher; use distill_loss for full teacher logits")
+    if vocab_chunk < 1:
+        raise ValueError(f"vocab_chunk must be positive, got {vocab_chunk}")
+    ids = None if kind == "ce" else teacher.ids
+    lse, lse_tau, at_target, at_ids, argbest = _chunked_student(hidden, head_fn, embedding, targets, ids,
+                                                                temperature=temperature, vocab_chunk=vocab_chunk)
+    ce = lse - at_target
+    if kind == "ce":
+        return _combine(ce, None, None, weights, kind=kind, alpha=alpha, temperature=temperature)
+    kd = _sparse_kd(at_ids, lse_tau, teacher, kind=kind, temperature=temperature, beta=beta)
+    agree = argbest == _teacher_top1(teacher)
+    return _combine(ce, kd, agree, weights, kind=kind, alpha=alpha, temperature=temperature)
