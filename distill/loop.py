@@ -50,8 +50,12 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def train(run_dir: str | Path, student: ModelConfig, datasets, loss_fn: LossFn, cfg: LoopConfig, *,
-          resume: bool = False, init_params=None, on_step: Callable[[int, dict], None] | None = None):
-    """Train `student` on `datasets` (distill.data.Datasets) with `loss_fn`; returns (graphdef, final state)."""
+          resume: bool = False, init_params=None, on_step: Callable[[int, dict], None] | None = None,
+          teacher: Callable[[dict, int], dict] | None = None):
+    """Train `student` on `datasets` (distill.data.Datasets) with `loss_fn`; returns (graphdef, final state).
+
+    `teacher(batch, step)` adds the teacher's distribution to each batch (distill.teacher).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(cfg.mesh)
@@ -73,6 +77,8 @@ def train(run_dir: str | Path, student: ModelConfig, datasets, loss_fn: LossFn, 
         task = bar.add_task("training", total=cfg.steps, completed=int(state.step))
         while int(state.step) < cfg.steps:
             batch = _next_batch(iterator, cfg.grad_accum)
+            if teacher is not None:
+                batch = teacher(batch, int(state.step))
             tokens_per_step = tokens_per_step or int(batch["weights"].size)
             start = time.perf_counter()
             state, metrics = step_fn(state, batch)

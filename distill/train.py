@@ -123,7 +123,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {k: jnp.mean(v) for k, v in metrics.items()}
-        metrics.update(loss=jnp.mean(losses), grad_norm=optax.global_norm(grads))
+        metrics.update(loss=jnp.mean(losses), grad_norm=optax.tree.norm(grads))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
     data = batch_sharding(mesh)
