@@ -61,10 +61,6 @@ def param_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     raise NanoError(f"no partition rule for parameter {name}")
 
 
-def param_shardings(named_shapes: dict[str, tuple[int, ...]], mesh: Mesh) -> dict[str, NamedSharding]:
-    return {name: NamedSharding(mesh, param_spec(name, shape, mesh)) for name, shape in named_shapes.items()}
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches [global_batch, ...] split along the batch dimension over data × fsdp."""
     return NamedSharding(mesh, P(BATCH_AXES))

@@ -79,8 +79,6 @@ def config_from_gguf(reader) -> ModelConfig:
 
 def params_from_gguf(reader, config: ModelConfig) -> dict[str, np.ndarray]:
     """Dequantize every tensor to float32 and map it onto our names (kernels transposed to [in, out])."""
-    import gguf
-
     tensors = {t.name: t for t in reader.tensors}
     expected = param_shapes(config)
     params = {}

@@ -59,7 +59,6 @@ class Embedder(nnx.Module):
         return x * jnp.asarray(self.embedding[...].shape[-1] ** 0.5, dtype)
 
 
-
 def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float = 1.0) -> jax.Array:
     """Rotary embedding, split-half (NEOX) layout. x [B, T, heads, head_dim], positions [B, T]."""
     half = x.shape[-1] // 2

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -94,15 +94,3 @@ class Generator:
 def _bucket(length: int, multiple: int = 256) -> int:
     """Round the cache length up so nearby requests share one compiled decode step."""
     return -(-length // multiple) * multiple
-
-
-def generate(model: Decoder, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingConfig,
-             seed: int = 0, stop_ids: tuple[int, ...] = (), on_token: Callable[[int], None] | None = None
-             ) -> list[int]:
-    out = []
-    for token in Generator(model, sampling).stream(prompt_ids, max_new_tokens=max_new_tokens, seed=seed,
-                                                   stop_ids=stop_ids):
-        out.append(token)
-        if on_token:
-            on_token(token)
-    return out
