@@ -1,7 +1,8 @@
-"""The training loop: sharded steps, JSON-lines metrics, periodic checkpoints, exact resume.
+"""The training loop: sharded steps, JSON-lines metrics, periodic evaluation and checkpoints, exact resume.
 
-A resumed run restores parameters, optimizer, step, RNG and the data iterator's position, and drops metric lines
-written after its checkpoint, so `metrics.jsonl` of a killed-and-resumed run equals an uninterrupted one's.
+A resumed run restores parameters, optimizer, step, RNG and the data iterator's position, and drops metric and
+eval lines written after its checkpoint, so the files of a killed-and-resumed run equal an uninterrupted one's
+(up to the timing fields).
 """
 
 from __future__ import annotations
@@ -15,14 +16,21 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+    TimeRemainingColumn
 
 from distill.checkpoints import RunCheckpoints
 from distill.sharding import make_mesh
 from distill.train import LossFn, OptimConfig, init_state, make_optimizer, make_schedule, make_train_step
 from nano.config import ModelConfig
-from nano.ui import progress_bar
+from nano.ui import console
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE, EVAL_FILE = "metrics.jsonl", "eval.jsonl"
+
+# prepare(batch, step, params) -> batch: fills in what the loss needs beyond the data (the teacher's sparse
+# distribution, on-policy samples); `params` are the student's current parameters.
+Prepare = Callable[[dict, int, object], dict]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +43,7 @@ class LoopConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     compute_dtype: str = "float32"
+    eval_every: int = 0  # 0: only at the end (when an evaluator is given)
 
 
 def _next_batch(iterator, accum: int) -> dict:
@@ -43,18 +52,26 @@ def _next_batch(iterator, accum: int) -> dict:
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
+def _truncate(path: Path, last_step: int) -> None:
     if path.exists():
         lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
         path.write_text("".join(line + "\n" for line in lines))
 
 
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), console=console, transient=True)
+
+
 def train(run_dir: str | Path, student: ModelConfig, datasets, loss_fn: LossFn, cfg: LoopConfig, *,
-          resume: bool = False, init_params=None, on_step: Callable[[int, dict], None] | None = None,
-          teacher: Callable[[dict, int], dict] | None = None):
+          resume: bool = False, init_params=None, prepare: Prepare | None = None,
+          evaluate: Callable[[nnx.Module], dict] | None = None, flops_per_token: float | None = None,
+          peak_flops: float | None = None, on_step: Callable[[int, dict], None] | None = None):
     """Train `student` on `datasets` (distill.data.Datasets) with `loss_fn`; returns (graphdef, final state).
 
-    `teacher(batch, step)` adds the teacher's distribution to each batch (distill.teacher).
+    `evaluate(model)` runs every `cfg.eval_every` steps and after the last (eval.jsonl). With `flops_per_token`
+    (model FLOPs per trained token) and `peak_flops`, each metrics line carries the step's MFU.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -67,32 +84,47 @@ def train(run_dir: str | Path, student: ModelConfig, datasets, loss_fn: LossFn, 
     if resume:
         state, data_state = checkpoints.restore(state)
     iterator = datasets.train_iterator(data_state)
-    metrics_path = run_dir / METRICS_FILE
-    _truncate_metrics(metrics_path, int(state.step))
+    metrics_path, eval_path = run_dir / METRICS_FILE, run_dir / EVAL_FILE
+    for path in (metrics_path, eval_path):
+        _truncate(path, int(state.step))
     step_fn = make_train_step(graphdef, optimizer, loss_fn, mesh, shardings,
                               compute_dtype=getattr(jnp, cfg.compute_dtype))
     schedule = make_schedule(cfg.optim)
-    tokens_per_step = None
-    with progress_bar() as bar, metrics_path.open("a") as log:
-        task = bar.add_task("training", total=cfg.steps, completed=int(state.step))
+    tokens_per_step = cfg.grad_accum * datasets.batch_size * datasets.train.seq_len
+
+    def run_eval(step: int) -> None:
+        record = {"step": step, "tokens_seen": step * tokens_per_step, **evaluate(nnx.merge(graphdef, state.params))}
+        with eval_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        console.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                                         if k not in ("step", "tokens_seen")))
+
+    with _progress() as bar, metrics_path.open("a") as log:
+        task = bar.add_task("training", total=cfg.steps, completed=int(state.step), speed="")
         while int(state.step) < cfg.steps:
-            batch = _next_batch(iterator, cfg.grad_accum)
-            if teacher is not None:
-                batch = teacher(batch, int(state.step))
-            tokens_per_step = tokens_per_step or int(batch["weights"].size)
-            start = time.perf_counter()
-            state, metrics = step_fn(state, batch)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            start = time.perf_counter()  # the whole step: data, teacher, on-policy sampling and the update
             step = int(state.step)
+            batch = _next_batch(iterator, cfg.grad_accum)
+            if prepare is not None:
+                batch = prepare(batch, step, state.params)
+            state, metrics = step_fn(state, batch)
+            record = {"step": step + 1, **{k: float(v) for k, v in jax.device_get(metrics).items()},
+                      "lr": float(schedule(step))}
             seconds = time.perf_counter() - start
-            record = {"step": step, **metrics, "lr": float(schedule(step - 1)),
-                      "tokens_per_s": tokens_per_step / seconds, "seconds": seconds}
+            record.update(tokens_seen=(step + 1) * tokens_per_step, tokens_per_s=tokens_per_step / seconds,
+                          seconds=seconds, on_policy=bool("ce_weights" in batch))
+            if flops_per_token and peak_flops:
+                record["mfu"] = flops_per_token * record["tokens_per_s"] / peak_flops
             log.write(json.dumps(record) + "\n")
             log.flush()
+            step += 1
+            if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                run_eval(step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoints.save(step, state, iterator.get_state())
             if on_step:
                 on_step(step, record)
-            bar.update(task, completed=step, description=f"training · loss {metrics['loss']:.3f}")
+            speed = f"{record['tokens_per_s']:,.0f} tok/s" + (f" · MFU {record['mfu']:.0%}" if "mfu" in record else "")
+            bar.update(task, completed=step, speed=speed, description=f"training · loss {record['loss']:.3f}")
     checkpoints.close()
     return graphdef, state

@@ -46,6 +46,7 @@ def make_loss(*, kind: str, alpha: float = 0.0, temperature: float = 1.0, beta: 
                                                           logprobs=batch["teacher_logprobs"])
         return distill_loss_from_hidden(hidden, model.head, model.embedder.embedding[...], batch["targets"],
                                         batch["weights"], teacher, kind=kind, alpha=alpha,
-                                        temperature=temperature, beta=beta, vocab_chunk=vocab_chunk)
+                                        temperature=temperature, beta=beta, vocab_chunk=vocab_chunk,
+                                        ce_weights=batch.get("ce_weights"))
 
     return loss_fn

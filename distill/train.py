@@ -78,22 +78,28 @@ def state_shardings(abstract: TrainState, mesh: Mesh) -> TrainState:
     return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
+def model_graphdef(config: ModelConfig):
+    """The student's NNX graph definition (structure without arrays): nnx.merge(it, params) is the model."""
+    return nnx.graphdef(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+
+
 def init_state(config: ModelConfig, optimizer: optax.GradientTransformation, *, seed: int, mesh: Mesh,
                params: nnx.State | None = None):
     """(graphdef, TrainState) created already sharded: no device ever holds the whole unsharded model.
 
     `params` (e.g. layers kept from the teacher) replace the random initialisation.
     """
-    def create(key):
+    def create(key, given):
         model = Decoder(config, rngs=nnx.Rngs(key))
-        model_params = nnx.state(model, nnx.Param) if params is None else params
+        model_params = nnx.state(model, nnx.Param) if given is None else given
         return TrainState(step=jnp.zeros((), jnp.int32), params=model_params,
                           opt_state=optimizer.init(model_params), rng=jax.random.fold_in(key, 1))
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
+    graphdef = model_graphdef(config)
     key = jax.random.PRNGKey(seed)  # a raw uint32 key: checkpoints store it like any array
-    shardings = state_shardings(jax.eval_shape(create, key), mesh)
-    return graphdef, jax.jit(create, out_shardings=shardings)(key)
+    shardings = state_shardings(jax.eval_shape(create, key, params), mesh)
+    # `params` go in as an argument: a closure would bake them into the program as constants.
+    return graphdef, jax.jit(create, out_shardings=shardings)(key, params)
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: LossFn, mesh: Mesh,

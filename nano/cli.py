@@ -223,5 +223,14 @@ def corpus(split, max_chars, out):
     click.echo(f"{out}: {len(text):,} characters from the {split} split ({len(corpus_files(split))} files)")
 
 
+def _add_distill() -> None:
+    from distill.cli import distill_cmd  # a NanoError in it still becomes one line: cli's invoke wraps it
+
+    cli.add_command(distill_cmd)
+
+
+_add_distill()
+
+
 def main() -> None:
     cli(prog_name="nano")

@@ -35,7 +35,7 @@ def _train(setting, kind):
     cfg = LoopConfig(steps=25, optim=OptimConfig(lr=1e-2, warmup_steps=3, total_steps=25), checkpoint_every=25)
     teacher = OnlineTeacher(teacher_model, k=64, mode="sample", seed=0)
     graphdef, state = train(runs / kind, TINY, data, make_loss(kind=kind, vocab_chunk=128), cfg,
-                            teacher=None if kind == "ce" else teacher)
+                            prepare=None if kind == "ce" else (lambda batch, step, _: teacher(batch, step)))
     return nnx.merge(graphdef, state.params)
 
 

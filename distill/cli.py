@@ -1,0 +1,131 @@
+"""`nano distill` and `nano distill cache-teacher`: the command-line face of distill.run."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import click
+
+from distill.init import parse_layers
+from distill.run import DistillSettings
+
+_D = DistillSettings()
+
+
+def _data_options(f):
+    """Options that fix the teacher and the order of the training batches: a teacher cache is only valid for a
+    run given the same ones."""
+    options = [
+        click.option("--teacher", default=_D.teacher, show_default=True, help="Teacher MODEL (directory or preset)."),
+        click.option("--data", multiple=True, default=_D.data, show_default=True,
+                     help="Training text: files, directories, .jsonl (text field), .parquet, or 'stdlib' "
+                          "(the default corpus). Repeat for several."),
+        click.option("--eval-data", multiple=True,
+                     help="Held-out documents (default: a 2% split of --data by path)."),
+        click.option("--steps", default=_D.steps, show_default=True, help="Optimizer steps."),
+        click.option("--batch-size", default=_D.batch_size, show_default=True, help="Sequences per micro-batch."),
+        click.option("--seq-len", default=_D.seq_len, show_default=True, help="Tokens per sequence."),
+        click.option("--grad-accum", default=_D.grad_accum, show_default=True,
+                     help="Micro-batches per optimizer step."),
+        click.option("--top-k", default=_D.top_k, show_default=True,
+                     help="Teacher tokens kept per position (renormalised over them)."),
+        click.option("--sample-mode", type=click.Choice(["sample", "top"]), default=_D.sample_mode,
+                     show_default=True, help="The k tokens: drawn by teacher probability, or the k largest."),
+        click.option("--teacher-dtype", type=click.Choice(["float32", "bfloat16"]), default=_D.teacher_dtype,
+                     show_default=True),
+        click.option("--seed", default=_D.seed, show_default=True, help="Data order, initialisation, sampling."),
+    ]
+    return functools.reduce(lambda g, opt: opt(g), reversed(options), f)
+
+
+def _settings(**kwargs) -> DistillSettings:
+    for key in ("data", "eval_data", "eval_text"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    return DistillSettings(**kwargs)
+
+
+def _distributed(coordinator, num_processes, process_id):
+    import jax
+
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+@click.group("distill", invoke_without_command=True, context_settings={"max_content_width": 110})
+@_data_options
+@click.option("--student", default=_D.student, show_default=True,
+              help="A preset (random init, e.g. nano-micro, nano-1) or a model directory to continue from.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (required).")
+@click.option("--loss", type=click.Choice(["fkl", "rkl", "jsd", "ce"]), default=_D.loss, show_default=True,
+              help="Forward KL, reverse KL, generalised JSD(beta), or cross-entropy alone (no teacher).")
+@click.option("--alpha", default=_D.alpha, show_default=True, help="Weight of next-token CE mixed into the loss.")
+@click.option("--temperature", default=_D.temperature, show_default=True)
+@click.option("--beta", default=_D.beta, show_default=True, help="JSD's beta.")
+@click.option("--teacher-cache", type=click.Path(file_okay=False),
+              help="Read the teacher from a cache written by `nano distill cache-teacher` (same data options).")
+@click.option("--on-policy-fraction", default=_D.on_policy_fraction, show_default=True,
+              help="Fraction of steps that train on the student's own samples, scored by the teacher.")
+@click.option("--keep-layers", help="Initialise the student from these teacher layers, e.g. 0,2,4,6,8,11,12,14,16 "
+                                    "(the student must be as wide as the teacher).")
+@click.option("--lr", default=_D.lr, show_default=True, help="Peak learning rate (warmup + cosine).")
+@click.option("--warmup-steps", type=int, help="Default: 5% of --steps.")
+@click.option("--mesh", help="Device mesh, e.g. data=2,fsdp=4 (default: data parallel over all devices).")
+@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default=_D.compute_dtype,
+              show_default=True, help="bfloat16 computes over float32 master weights.")
+@click.option("--eval-every", default=_D.eval_every, show_default=True, help="Steps between evals (0: at the end).")
+@click.option("--eval-batches", default=_D.eval_batches, show_default=True, help="Held-out batches per eval.")
+@click.option("--eval-text", multiple=True, type=click.Path(dir_okay=False),
+              help="Text outside the corpus; the report gives the student's perplexity on it. Repeatable.")
+@click.option("--checkpoint-every", default=_D.checkpoint_every, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--distributed", is_flag=True,
+              help="Multi-host: jax.distributed.initialize() (coordinator from the cluster or the options below).")
+@click.option("--coordinator", help="host:port of process 0 (with --distributed).")
+@click.option("--num-processes", type=int)
+@click.option("--process-id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout at the end.")
+@click.pass_context
+def distill_cmd(ctx, out, resume, distributed, coordinator, num_processes, process_id, as_json, keep_layers,
+                **kwargs):
+    """Distil --teacher into --student: KD with a sparse (top-k or sampled-k) teacher, sharded, resumable.
+
+    \b
+    nano distill --student nano-micro --data stdlib --out runs/kd --steps 200
+    nano distill cache-teacher --data stdlib --steps 200 --out runs/teacher-cache
+    nano distill --teacher-cache runs/teacher-cache --data stdlib --steps 200 --out runs/kd
+    nano distill --loss ce --data stdlib --steps 200 --out runs/ce      # the no-teacher baseline
+
+    Writes RUN/metrics.jsonl, eval.jsonl, checkpoints/, final/ (the student as a model directory),
+    loss_curve.png and report.json.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if not out:
+        raise click.UsageError("--out RUN is required")
+    if distributed:
+        _distributed(coordinator, num_processes, process_id)
+    from distill.run import distill
+
+    settings = _settings(keep_layers=tuple(parse_layers(keep_layers)) if keep_layers else None, **kwargs)
+    report = distill(settings, out, resume=resume)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        ev = report["final_eval"]
+        click.echo(f"{out}: {report['tokens_seen']:,} tokens, held-out ppl {ev['heldout_ppl']:.2f}, "
+                   f"{report['tokens_per_s']:,.0f} tok/s, MFU {report['mfu']:.1%}; student in {out}/final")
+
+
+@distill_cmd.command("cache-teacher")
+@_data_options
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory.")
+def cache_teacher_cmd(out, **kwargs):
+    """Write the teacher's sparse distribution for the first --steps steps once; any number of student runs with
+    the same data options then read it (--teacher-cache). Resumable: re-run to continue or extend."""
+    from distill.run import run_cache_teacher
+
+    info = run_cache_teacher(_settings(**kwargs), out)
+    click.echo(f"{info.directory}: {info.steps} steps, {info.tokens:,} tokens, {info.bytes / 2**20:,.0f} MiB "
+               f"({info.computed} computed in {info.seconds:.0f} s)")

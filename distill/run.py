@@ -1,0 +1,244 @@
+"""`nano distill`: one distillation run from its settings, start to finish.
+
+    RUN/run.json        the settings (a resumed run must be given the same ones)
+    RUN/metrics.jsonl   one line per optimizer step: loss, ce, kd, grad_norm, lr, tokens/s, MFU
+    RUN/eval.jsonl      periodic held-out perplexity, teacher–student top-1 agreement and KL
+    RUN/checkpoints/    Orbax checkpoints (exact resume)
+    RUN/final/          the student as a model directory (every `nano` command takes it)
+    RUN/loss_curve.png, RUN/report.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from distill.data import STDLIB, make_datasets
+from distill.evaluate import Evaluator
+from distill.init import params_state, student_start
+from distill.loop import LoopConfig, train
+from distill.losses import KINDS
+from distill.mfu import forward_flops_per_token, measure_peak_flops, train_flops_per_token
+from distill.report import plot_run
+from distill.teacher import OnlineTeacher, make_loss
+from distill.teacher_cache import CachedTeacher, cache_teacher
+from distill.train import OptimConfig, model_graphdef
+from nano.checkpoint import flat_params, save_model_dir
+from nano.errors import NanoError
+from nano.models import load_model
+from nano.perplexity import perplexity
+from nano.ui import console, status
+
+RUN_FILE, REPORT_FILE, FINAL_DIR = "run.json", "report.json", "final"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSettings:
+    teacher: str = "gemma3-270m"
+    student: str = "nano-micro"
+    data: tuple[str, ...] = (STDLIB,)
+    eval_data: tuple[str, ...] = ()  # held-out documents; default: a split of --data
+    eval_text: tuple[str, ...] = ()  # texts outside the corpus: perplexity in the report
+    loss: str = "fkl"
+    alpha: float = 0.0
+    temperature: float = 1.0
+    beta: float = 0.5
+    top_k: int = 256
+    sample_mode: str = "sample"  # the k teacher ids: "sample" (by teacher probability) or "top"
+    teacher_cache: str | None = None
+    on_policy_fraction: float = 0.0
+    keep_layers: tuple[int, ...] | None = None
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-3
+    warmup_steps: int | None = None  # default: 5% of the steps
+    mesh: str | None = None
+    seed: int = 0
+    eval_every: int = 0
+    eval_batches: int = 4
+    checkpoint_every: int = 50
+    compute_dtype: str = "float32"
+    teacher_dtype: str = "float32"
+    vocab_chunk: int = 16384
+
+    def check(self) -> None:
+        if self.loss not in KINDS:
+            raise NanoError(f"--loss must be one of {', '.join(KINDS)}, got {self.loss!r}")
+        if not 0 <= self.alpha <= 1 or self.temperature <= 0 or not 0 < self.beta < 1:
+            raise NanoError("--alpha must be in [0, 1], --temperature positive and --beta in (0, 1)")
+        if not 0 <= self.on_policy_fraction <= 1:
+            raise NanoError(f"--on-policy-fraction must be in [0, 1], got {self.on_policy_fraction}")
+        if self.loss == "ce" and (self.teacher_cache or self.on_policy_fraction):
+            raise NanoError("--loss ce trains on the data alone; --teacher-cache and --on-policy-fraction need a "
+                            "distillation loss (fkl, rkl or jsd)")
+        if min(self.steps, self.batch_size, self.seq_len, self.grad_accum, self.top_k, self.checkpoint_every) < 1:
+            raise NanoError("--steps, --batch-size, --seq-len, --grad-accum, --top-k and --checkpoint-every must be "
+                            "positive")
+        if self.sample_mode not in ("sample", "top"):
+            raise NanoError(f"--sample-mode must be 'sample' or 'top', got {self.sample_mode!r}")
+        for dtype in (self.compute_dtype, self.teacher_dtype):
+            if dtype not in ("float32", "bfloat16"):
+                raise NanoError(f"dtypes are float32 or bfloat16, got {dtype!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DistillSettings":
+        data = json.loads(text)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+# Settings a resumed run may change: they do not alter the trajectory.
+_RESUMABLE_CHANGES = {"eval_text", "eval_every", "eval_batches", "checkpoint_every", "teacher_cache", "mesh"}
+
+
+def _prepare_run_dir(run_dir: Path, settings: DistillSettings, resume: bool) -> None:
+    saved = run_dir / RUN_FILE
+    if resume:
+        if not saved.exists():
+            raise NanoError(f"--resume: {run_dir} holds no run (no {RUN_FILE})")
+        before = dataclasses.asdict(DistillSettings.from_json(saved.read_text()))
+        changed = [k for k, v in dataclasses.asdict(settings).items()
+                   if before.get(k) != v and k not in _RESUMABLE_CHANGES]
+        if changed:
+            raise NanoError(f"--resume with other settings than the run was started with: {', '.join(changed)}")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise NanoError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(settings.to_json())
+
+
+def _data(settings: DistillSettings, tokenizer):
+    with status("reading and tokenizing the corpus"):
+        datasets = make_datasets(settings.data, tokenizer, seq_len=settings.seq_len, batch_size=settings.batch_size,
+                                 seed=settings.seed, eval_paths=settings.eval_data or None)
+    console.print(f"data: {datasets.stats.summary()}")
+    return datasets
+
+
+def _teacher_meta(settings: DistillSettings, teacher_config) -> dict:
+    return {"teacher": teacher_config.hash, "k": settings.top_k, "mode": settings.sample_mode,
+            "seed": settings.seed, "dtype": settings.teacher_dtype}
+
+
+def run_cache_teacher(settings: DistillSettings, out: str | Path):
+    """`nano distill cache-teacher`: the teacher's sparse distribution for the first `steps` steps of a run with
+    these data settings, written to `out` (resumable)."""
+    settings.check()
+    teacher, tokenizer = load_model(settings.teacher, dtype=getattr(jnp, settings.teacher_dtype))
+    datasets = _data(settings, tokenizer)
+    online = OnlineTeacher(teacher, k=settings.top_k, mode=settings.sample_mode, seed=settings.seed)
+    return cache_teacher(out, datasets, online, steps=settings.steps, grad_accum=settings.grad_accum,
+                         meta=_teacher_meta(settings, teacher.config))
+
+
+def _prepare_fn(settings, teacher, datasets, config):
+    """The loop's prepare(batch, step, params): on-policy samples, then the teacher's sparse distribution."""
+    if settings.loss == "ce":
+        return None
+    online = OnlineTeacher(teacher, k=settings.top_k, mode=settings.sample_mode, seed=settings.seed)
+    scorer = online
+    if settings.teacher_cache:
+        scorer = CachedTeacher(settings.teacher_cache, datasets=datasets, grad_accum=settings.grad_accum,
+                               k=settings.top_k)
+        _check_cache_meta(settings, teacher.config)
+    on_policy = None
+    if settings.on_policy_fraction > 0:
+        from distill.onpolicy import OnPolicy
+
+        on_policy = OnPolicy(model_graphdef(config), config,
+                             fraction=settings.on_policy_fraction, seed=settings.seed)
+
+    def prepare(batch, step, params):
+        if on_policy is not None and on_policy.is_on_policy(step):
+            return online(on_policy(batch, step, params), step)  # new tokens: only a live teacher can score them
+        return scorer(batch, step)
+
+    return prepare
+
+
+def _check_cache_meta(settings, teacher_config) -> None:
+    manifest = json.loads((Path(settings.teacher_cache) / "manifest.json").read_text())
+    expected = _teacher_meta(settings, teacher_config)
+    differ = [k for k, v in expected.items() if manifest.get("meta", {}).get(k) != v]
+    if differ:
+        raise NanoError(f"the teacher cache {settings.teacher_cache} was made with other teacher settings "
+                        f"({', '.join(differ)} differ); re-run `nano distill cache-teacher` with this run's settings")
+
+
+def distill(settings: DistillSettings, run_dir: str | Path, *, resume: bool = False) -> dict:
+    """Run (or resume) one distillation; returns the report (also written to RUN/report.json)."""
+    settings.check()
+    run_dir = Path(run_dir)
+    if settings.teacher_cache and not (Path(settings.teacher_cache) / "manifest.json").exists():
+        raise NanoError(f"--teacher-cache {settings.teacher_cache} is not a teacher cache (no manifest.json); "
+                        f"make one with `nano distill cache-teacher`")
+    started = time.perf_counter()
+    with status(f"loading the teacher {settings.teacher}"):
+        teacher, tokenizer = load_model(settings.teacher, dtype=getattr(jnp, settings.teacher_dtype))
+    config, init = student_start(settings.student, teacher.config, teacher=teacher,
+                                 keep_layers=list(settings.keep_layers) if settings.keep_layers else None)
+    _prepare_run_dir(run_dir, settings, resume)
+    datasets = _data(settings, tokenizer)
+    with status("measuring this machine's peak matmul FLOP/s"):
+        peak = measure_peak_flops(getattr(jnp, settings.compute_dtype))
+    flops = train_flops_per_token(config, settings.seq_len)
+    if settings.loss != "ce" and not settings.teacher_cache:
+        flops += forward_flops_per_token(teacher.config, settings.seq_len)  # the teacher runs inside each step
+    console.print(f"student {settings.student}: {config.param_count:,} parameters; peak {peak / 1e9:.1f} GFLOP/s")
+
+    prepare = _prepare_fn(settings, teacher, datasets, config)
+    evaluator = Evaluator(datasets.heldout_batches(max_batches=settings.eval_batches), teacher_model=teacher)
+    warmup = settings.warmup_steps if settings.warmup_steps is not None else max(1, settings.steps // 20)
+    loop = LoopConfig(steps=settings.steps, grad_accum=settings.grad_accum, seed=settings.seed, mesh=settings.mesh,
+                      checkpoint_every=settings.checkpoint_every, compute_dtype=settings.compute_dtype,
+                      eval_every=settings.eval_every,
+                      optim=OptimConfig(lr=settings.lr, warmup_steps=warmup, total_steps=settings.steps))
+    loss = make_loss(kind=settings.loss, alpha=settings.alpha, temperature=settings.temperature, beta=settings.beta,
+                     vocab_chunk=settings.vocab_chunk)
+    graphdef, state = train(run_dir, config, datasets, loss, loop, resume=resume,
+                            init_params=None if init is None else params_state(config, init),
+                            prepare=prepare, evaluate=evaluator, flops_per_token=flops, peak_flops=peak,
+                            )
+    student = nnx.merge(graphdef, state.params)
+    final = run_dir / FINAL_DIR
+    params = {k: np.asarray(v) for k, v in flat_params(student).items()}
+    save_model_dir(config, params, tokenizer, final, overwrite=True,
+                   extra={"distill.json": json.dumps({"run": str(run_dir), **dataclasses.asdict(settings)}, indent=2)})
+    text_ppl = {}
+    for path in settings.eval_text:
+        with status(f"perplexity on {path}"):
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+            text_ppl[Path(path).name] = perplexity(student, tokenizer, text, window=settings.seq_len).ppl
+    report = _report(run_dir, settings, config, datasets, peak, flops, text_ppl, time.perf_counter() - started)
+    (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    plot_run(run_dir)
+    return report
+
+
+def _report(run_dir, settings, config, datasets, peak, flops, text_ppl, seconds) -> dict:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    steady = lines[1:] or lines  # the first step includes compilation
+    return {
+        "run": run_dir.name, "loss_kind": settings.loss, "settings": dataclasses.asdict(settings),
+        "student": {"config": config.to_dict(), "parameters": config.param_count, "hash": config.hash},
+        "data": dataclasses.asdict(datasets.stats),
+        "steps": lines[-1]["step"], "tokens_seen": lines[-1]["tokens_seen"],
+        "final_loss": lines[-1]["loss"], "final_eval": evals[-1], "text_ppl": text_ppl,
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+        "mfu": statistics.median(r["mfu"] for r in steady),
+        "train_flops_per_token": flops, "peak_flops": peak,
+        "teacher_mode": "none" if settings.loss == "ce" else ("cache" if settings.teacher_cache else "online"),
+        "wall_seconds": seconds,
+    }
