@@ -4,8 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
+DISTILL_DIR ?= runs/distill
+DISTILL_STEPS ?= 24
+# Text the corpus (the stdlib's .py sources) does not contain: Python's licence (prose) and click's exceptions (code).
+OUTSIDE_TEXT = $(shell $(BIN)/python -c "import sysconfig, click, os; \
+  print(os.path.join(sysconfig.get_paths()['stdlib'], 'LICENSE.txt'), os.path.join(os.path.dirname(click.__file__), 'exceptions.py'))")
+DISTILL_DATA = --teacher gemma3-270m --data stdlib --steps $(DISTILL_STEPS) --batch-size 8 --seq-len 256 \
+  --teacher-dtype bfloat16
+DISTILL_RUN = --student nano-micro --eval-every 12 --eval-batches 2 $(foreach f,$(OUTSIDE_TEXT),--eval-text $(f))
 
-.PHONY: install test test-slow demo clean
+.PHONY: install test test-slow demo distill clean
 
 install: $(STAMP)
 
@@ -27,6 +35,15 @@ demo: install
 	$(BIN)/nano corpus --split heldout --max-chars 60000 --out $(DEMO_DIR)/heldout.txt
 	$(BIN)/nano perplexity gemma3-270m --text $(DEMO_DIR)/heldout.txt --window 512
 	$(BIN)/nano generate gemma3-270m --prompt "def fibonacci(n):" --max-new-tokens 48 --temperature 0
+
+# The embedded default, distilled: the teacher's sparse distribution is cached once (resumable), then the same
+# student trains with KD and, as the baseline, with cross-entropy alone; the report compares them at equal tokens.
+distill: install
+	rm -rf $(DISTILL_DIR)/kd $(DISTILL_DIR)/ce
+	$(BIN)/nano distill cache-teacher $(DISTILL_DATA) --out $(DISTILL_DIR)/teacher-cache
+	$(BIN)/nano distill $(DISTILL_DATA) $(DISTILL_RUN) --teacher-cache $(DISTILL_DIR)/teacher-cache --out $(DISTILL_DIR)/kd
+	$(BIN)/nano distill $(DISTILL_DATA) $(DISTILL_RUN) --loss ce --out $(DISTILL_DIR)/ce
+	$(BIN)/python -m distill.report $(DISTILL_DIR)/kd $(DISTILL_DIR)/ce --out $(DISTILL_DIR)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -61,8 +61,10 @@ def _evals(run_dir: Path) -> list[dict]:
 
 
 def _cumulative_tokens(metrics: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, tokens seen after each step); per-step tokens from `tokens`, else tokens_per_s × seconds."""
+    """(steps, tokens seen after each step): the loop's `tokens_seen`, else summed per-step `tokens`."""
     steps = np.array([m["step"] for m in metrics], np.float64)
+    if all("tokens_seen" in m for m in metrics):
+        return steps, np.array([m["tokens_seen"] for m in metrics], np.float64)
     per_step = [m.get("tokens", m.get("tokens_per_s", 0.0) * m.get("seconds", 0.0)) for m in metrics]
     return steps, np.cumsum(np.array(per_step, np.float64))
 

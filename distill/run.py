@@ -28,7 +28,7 @@ from distill.losses import KINDS
 from distill.mfu import forward_flops_per_token, measure_peak_flops, train_flops_per_token
 from distill.report import plot_run
 from distill.teacher import OnlineTeacher, make_loss
-from distill.teacher_cache import CachedTeacher, cache_teacher
+from distill.teacher_cache import CachedTeacher, cache_teacher, held_steps
 from distill.train import OptimConfig, model_graphdef
 from nano.checkpoint import flat_params, save_model_dir
 from nano.errors import NanoError
@@ -152,6 +152,11 @@ def _prepare_fn(settings, teacher, datasets, config):
         scorer = CachedTeacher(settings.teacher_cache, datasets=datasets, grad_accum=settings.grad_accum,
                                k=settings.top_k)
         _check_cache_meta(settings, teacher.config)
+        missing = sorted(set(range(settings.steps)) - set(held_steps(settings.teacher_cache)))
+        if missing:  # found now rather than after hours of training
+            raise NanoError(f"the teacher cache {settings.teacher_cache} lacks {len(missing)} of this run's "
+                            f"{settings.steps} steps (from step {missing[0]}); extend it with `nano distill "
+                            f"cache-teacher --steps {settings.steps}` and the same data options")
     on_policy = None
     if settings.on_policy_fraction > 0:
         from distill.onpolicy import OnPolicy

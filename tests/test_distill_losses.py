@@ -269,20 +269,22 @@ def test_chunked_equals_unchunked_values_and_gradients(vocab, chunk, cap):
         for kind in kinds:
             options = dict(kind=kind, alpha=alpha, temperature=tau, beta=0.3)
             full = lambda h, e: distill_loss(head(h, e), targets, weights, teacher, **options)  # noqa: E731
-            chunked = lambda h, e: distill_loss_from_hidden(h, head, e, targets, weights, teacher,  # noqa: E731
-                                                            vocab_chunk=chunk, **options)
+            chunked = [lambda h, e, r=remat: distill_loss_from_hidden(h, head, e, targets, weights, teacher,
+                                                                      vocab_chunk=chunk, remat=r, **options)
+                       for remat in (True, False)]  # chunks recomputed for the gradient, or kept
             out[kind] = [jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hidden, embedding)
-                         for f in (full, chunked)]
+                         for f in (full, *chunked)]
         return out
 
-    for kind, ((a, ma), ga), ((b, mb), gb) in ((k, *v) for k, v in values_and_grads(hidden, embedding).items()):
-        _close(a, b)
-        assert ma.keys() == mb.keys(), kind
-        for name in ma:
-            _close(ma[name], mb[name])
-        for x, y in zip(ga, gb):
-            assert np.all(np.isfinite(np.asarray(y))), kind
-            _close(x, y)
+    for kind, ((a, ma), ga), *rest in ((k, *v) for k, v in values_and_grads(hidden, embedding).items()):
+        for (b, mb), gb in rest:
+            _close(a, b)
+            assert ma.keys() == mb.keys(), kind
+            for name in ma:
+                _close(ma[name], mb[name])
+            for x, y in zip(ga, gb):
+                assert np.all(np.isfinite(np.asarray(y))), kind
+                _close(x, y)
 
 
 def test_chunked_gradient_never_holds_full_logits():
@@ -294,7 +296,7 @@ def test_chunked_gradient_never_holds_full_logits():
 
     def loss(hidden, embedding):
         return distill_loss_from_hidden(hidden, head, embedding, targets, weights, teacher, kind="jsd", alpha=0.5,
-                                        temperature=2.0, vocab_chunk=chunk)[0]
+                                        temperature=2.0, vocab_chunk=chunk, remat=True)[0]
 
     args = jnp.ones((b, t, d)), jnp.ones((vocab, d))
     scratch = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
