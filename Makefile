@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 DISTILL_DIR ?= runs/distill
-DISTILL_STEPS ?= 24
+DISTILL_STEPS ?= 20
 # Text the corpus (the stdlib's .py sources) does not contain: Python's licence (prose) and click's exceptions (code).
 OUTSIDE_TEXT = $(shell $(BIN)/python -c "import sysconfig, click, os; \
   print(os.path.join(sysconfig.get_paths()['stdlib'], 'LICENSE.txt'), os.path.join(os.path.dirname(click.__file__), 'exceptions.py'))")
 DISTILL_DATA = --teacher gemma3-270m --data stdlib --steps $(DISTILL_STEPS) --batch-size 8 --seq-len 256 \
   --teacher-dtype bfloat16
-DISTILL_RUN = --student nano-micro --eval-every 12 --eval-batches 2 $(foreach f,$(OUTSIDE_TEXT),--eval-text $(f))
+DISTILL_RUN = --student nano-micro --eval-every 10 --eval-batches 2 $(foreach f,$(OUTSIDE_TEXT),--eval-text $(f))
 
 .PHONY: install test test-slow demo distill clean
 

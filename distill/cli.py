@@ -76,7 +76,7 @@ def _distributed(coordinator, num_processes, process_id):
               show_default=True, help="bfloat16 computes over float32 master weights.")
 @click.option("--eval-every", default=_D.eval_every, show_default=True, help="Steps between evals (0: at the end).")
 @click.option("--eval-batches", default=_D.eval_batches, show_default=True, help="Held-out batches per eval.")
-@click.option("--eval-text", multiple=True, type=click.Path(dir_okay=False),
+@click.option("--eval-text", multiple=True, type=click.Path(dir_okay=False, exists=True),
               help="Text outside the corpus; the report gives the student's perplexity on it. Repeatable.")
 @click.option("--checkpoint-every", default=_D.checkpoint_every, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")

@@ -102,7 +102,8 @@ class DistillSettings:
 _RESUMABLE_CHANGES = {"eval_text", "eval_every", "eval_batches", "checkpoint_every", "teacher_cache", "mesh"}
 
 
-def _prepare_run_dir(run_dir: Path, settings: DistillSettings, resume: bool) -> None:
+def _check_run_dir(run_dir: Path, settings: DistillSettings, resume: bool) -> None:
+    """Refuse a resume with other settings, or a new run over an old one (nothing is written here)."""
     saved = run_dir / RUN_FILE
     if resume:
         if not saved.exists():
@@ -114,8 +115,6 @@ def _prepare_run_dir(run_dir: Path, settings: DistillSettings, resume: bool) -> 
             raise NanoError(f"--resume with other settings than the run was started with: {', '.join(changed)}")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise NanoError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(settings.to_json())
 
 
 def _data(settings: DistillSettings, tokenizer):
@@ -193,7 +192,7 @@ def distill(settings: DistillSettings, run_dir: str | Path, *, resume: bool = Fa
         teacher, tokenizer = load_model(settings.teacher, dtype=getattr(jnp, settings.teacher_dtype))
     config, init = student_start(settings.student, teacher.config, teacher=teacher,
                                  keep_layers=list(settings.keep_layers) if settings.keep_layers else None)
-    _prepare_run_dir(run_dir, settings, resume)
+    _check_run_dir(run_dir, settings, resume)
     datasets = _data(settings, tokenizer)
     with status("measuring this machine's peak matmul FLOP/s"):
         peak = measure_peak_flops(getattr(jnp, settings.compute_dtype))
@@ -204,6 +203,9 @@ def distill(settings: DistillSettings, run_dir: str | Path, *, resume: bool = Fa
 
     prepare = _prepare_fn(settings, teacher, datasets, config)
     evaluator = Evaluator(datasets.heldout_batches(max_batches=settings.eval_batches), teacher_model=teacher)
+    # Only now, with every input checked, does the run directory appear.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_FILE).write_text(settings.to_json())
     warmup = settings.warmup_steps if settings.warmup_steps is not None else max(1, settings.steps // 20)
     loop = LoopConfig(steps=settings.steps, grad_accum=settings.grad_accum, seed=settings.seed, mesh=settings.mesh,
                       checkpoint_every=settings.checkpoint_every, compute_dtype=settings.compute_dtype,

@@ -95,7 +95,7 @@ def save_model_dir(config: ModelConfig, params: dict[str, np.ndarray], tokenizer
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
         with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(tmp / PARAMS_DIR, {k: np.asarray(v) for k, v in params.items()})
+            ckpt.save((tmp / PARAMS_DIR).absolute(), {k: np.asarray(v) for k, v in params.items()})  # Orbax: absolute
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -138,7 +138,7 @@ def load_model_dir(path: str | Path, *, dtype=jnp.float32) -> tuple[Decoder, Tok
         raise NanoError(f"{path} has no {PARAMS_DIR}/ directory")
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            params = ckpt.restore(path / PARAMS_DIR)
+            params = ckpt.restore((path / PARAMS_DIR).absolute())  # Orbax refuses relative paths
     except Exception as e:  # Orbax raises many types for a damaged checkpoint; the user needs the path and why
         raise NanoError(f"cannot read parameters from {path / PARAMS_DIR}: {type(e).__name__}: {e}") from None
     return model_from_flat(config, params, dtype=dtype, source=str(path)), tokenizer

@@ -75,3 +75,12 @@ def test_damaged_directories_are_refused(tiny_model_dir, tmp_path):
         load_model_dir(broken)
     with pytest.raises(NanoError, match="not a model directory"):
         load_model_dir(tmp_path)
+
+
+def test_relative_paths_work(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    """`make distill` passes relative run directories; Orbax itself accepts only absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    save_model(tiny_model, tiny_tokenizer, "runs/model")
+    loaded, _ = load_model_dir("runs/model")
+    for name, value in flat_params(tiny_model).items():
+        np.testing.assert_array_equal(np.asarray(flat_params(loaded)[name]), np.asarray(value))
