@@ -17,14 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-    TimeRemainingColumn
 
 from distill.checkpoints import RunCheckpoints
 from distill.sharding import make_mesh
 from distill.train import LossFn, OptimConfig, init_state, make_optimizer, make_schedule, make_train_step
 from nano.config import ModelConfig
-from nano.ui import console
+from nano.ui import console, progress_bar
 
 METRICS_FILE, EVAL_FILE = "metrics.jsonl", "eval.jsonl"
 
@@ -56,12 +54,6 @@ def _truncate(path: Path, last_step: int) -> None:
     if path.exists():
         lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
         path.write_text("".join(line + "\n" for line in lines))
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TextColumn("eta"),
-                    TimeRemainingColumn(), console=console, transient=True)
 
 
 def train(run_dir: str | Path, student: ModelConfig, datasets, loss_fn: LossFn, cfg: LoopConfig, *,
@@ -99,7 +91,7 @@ def train(run_dir: str | Path, student: ModelConfig, datasets, loss_fn: LossFn, 
         console.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                          if k not in ("step", "tokens_seen")))
 
-    with _progress() as bar, metrics_path.open("a") as log:
+    with progress_bar(speed=True) as bar, metrics_path.open("a") as log:
         task = bar.add_task("training", total=cfg.steps, completed=int(state.step), speed="")
         while int(state.step) < cfg.steps:
             start = time.perf_counter()  # the whole step: data, teacher, on-policy sampling and the update

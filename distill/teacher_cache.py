@@ -121,8 +121,8 @@ def cache_teacher(out_dir: str | Path, datasets, teacher, *, steps: int, grad_ac
     todo = [s for s in range(steps) if s not in held]
     tokens_per_step = grad_accum * datasets.batch_size * datasets.train.seq_len
     iterator = datasets.train_iterator()
-    with progress_bar() as progress:
-        task = progress.add_task("teacher cache", total=len(todo))
+    with progress_bar(speed=True) as progress:
+        task = progress.add_task("teacher cache", total=len(todo), speed="")
         for step in range(steps):
             batch = _next_batch(iterator, grad_accum)  # always drawn, so later steps keep the loop's order
             if step in held:
@@ -143,7 +143,7 @@ def cache_teacher(out_dir: str | Path, datasets, teacher, *, steps: int, grad_ac
                       "teacher_logprobs": logprobs}
             _write_atomic(shard_path(out, step), lambda f: np.savez(f, **arrays))  # uncompressed: fast to read
             rate = tokens_per_step / (time.perf_counter() - t0)
-            progress.update(task, advance=1, description=f"teacher cache · {rate:,.0f} tok/s")
+            progress.update(task, advance=1, speed=f"{rate:,.0f} tok/s")
     total = len(held_steps(out))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return CacheInfo(out, total, len(todo), total * tokens_per_step, size, time.perf_counter() - start)

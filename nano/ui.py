@@ -18,6 +18,8 @@ def status(message: str):
     console.print(f"[green]✓[/] {message}")
 
 
-def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+def progress_bar(*, speed: bool = False) -> Progress:
+    """With `speed`, tasks carry a `speed` field (e.g. "1,234 tok/s · MFU 41%") shown after the count."""
+    extra = [TextColumn("{task.fields[speed]}")] if speed else []
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *extra, TimeElapsedColumn(),
                     TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True)
