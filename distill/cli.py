@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 
 import click
 
-from distill.init import parse_layers
-from distill.run import DistillSettings
+from distill.settings import DistillSettings, parse_layers
 
 _D = DistillSettings()
 

@@ -13,24 +13,12 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from nano.checkpoint import flat_params, is_model_dir, load_model_dir
+from nano.checkpoint import flat_params, is_model_dir, load_model_dir, model_from_flat
 from nano.config import ModelConfig, preset
 from nano.errors import NanoError
 from nano.model import Decoder
 
 _WIDTHS = ("vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim", "ffn_dim")
-
-
-def parse_layers(text: str) -> list[int]:
-    """'0,2,4-7' → [0, 2, 4, 5, 6, 7]."""
-    layers = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            layers.extend(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise NanoError(f"--keep-layers takes layer indices like 0,2,4-7, got {text!r}") from None
-    return layers
 
 
 def student_start(student: str, teacher_config: ModelConfig, *, teacher: Decoder | None = None,
@@ -82,6 +70,4 @@ def _from_teacher_layers(config, teacher_config, teacher, keep):
 
 def params_state(config: ModelConfig, params: dict[str, np.ndarray]) -> nnx.State:
     """The nnx.State of Params for distill.train.init_state's `params` argument."""
-    from nano.checkpoint import model_from_flat
-
     return nnx.state(model_from_flat(config, params, source="the student's initial parameters"), nnx.Param)

@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distill.data import STDLIB, make_datasets
+from distill.data import make_datasets
 from distill.evaluate import Evaluator
 from distill.init import params_state, student_start
 from distill.loop import LoopConfig, train
-from distill.losses import KINDS
 from distill.mfu import forward_flops_per_token, measure_peak_flops, train_flops_per_token
 from distill.report import plot_run
+from distill.settings import DistillSettings
 from distill.teacher import OnlineTeacher, make_loss
 from distill.teacher_cache import CachedTeacher, cache_teacher, held_steps
 from distill.train import OptimConfig, model_graphdef
@@ -37,65 +37,6 @@ from nano.perplexity import perplexity
 from nano.ui import console, status
 
 RUN_FILE, REPORT_FILE, FINAL_DIR = "run.json", "report.json", "final"
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillSettings:
-    teacher: str = "gemma3-270m"
-    student: str = "nano-micro"
-    data: tuple[str, ...] = (STDLIB,)
-    eval_data: tuple[str, ...] = ()  # held-out documents; default: a split of --data
-    eval_text: tuple[str, ...] = ()  # texts outside the corpus: perplexity in the report
-    loss: str = "fkl"
-    alpha: float = 0.0
-    temperature: float = 1.0
-    beta: float = 0.5
-    top_k: int = 256
-    sample_mode: str = "sample"  # the k teacher ids: "sample" (by teacher probability) or "top"
-    teacher_cache: str | None = None
-    on_policy_fraction: float = 0.0
-    keep_layers: tuple[int, ...] | None = None
-    steps: int = 200
-    batch_size: int = 8
-    seq_len: int = 256
-    grad_accum: int = 1
-    lr: float = 3e-3
-    warmup_steps: int | None = None  # default: 5% of the steps
-    mesh: str | None = None
-    seed: int = 0
-    eval_every: int = 0
-    eval_batches: int = 4
-    checkpoint_every: int = 50
-    compute_dtype: str = "float32"
-    teacher_dtype: str = "float32"
-    vocab_chunk: int = 16384
-
-    def check(self) -> None:
-        if self.loss not in KINDS:
-            raise NanoError(f"--loss must be one of {', '.join(KINDS)}, got {self.loss!r}")
-        if not 0 <= self.alpha <= 1 or self.temperature <= 0 or not 0 < self.beta < 1:
-            raise NanoError("--alpha must be in [0, 1], --temperature positive and --beta in (0, 1)")
-        if not 0 <= self.on_policy_fraction <= 1:
-            raise NanoError(f"--on-policy-fraction must be in [0, 1], got {self.on_policy_fraction}")
-        if self.loss == "ce" and (self.teacher_cache or self.on_policy_fraction):
-            raise NanoError("--loss ce trains on the data alone; --teacher-cache and --on-policy-fraction need a "
-                            "distillation loss (fkl, rkl or jsd)")
-        if min(self.steps, self.batch_size, self.seq_len, self.grad_accum, self.top_k, self.checkpoint_every) < 1:
-            raise NanoError("--steps, --batch-size, --seq-len, --grad-accum, --top-k and --checkpoint-every must be "
-                            "positive")
-        if self.sample_mode not in ("sample", "top"):
-            raise NanoError(f"--sample-mode must be 'sample' or 'top', got {self.sample_mode!r}")
-        for dtype in (self.compute_dtype, self.teacher_dtype):
-            if dtype not in ("float32", "bfloat16"):
-                raise NanoError(f"dtypes are float32 or bfloat16, got {dtype!r}")
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "DistillSettings":
-        data = json.loads(text)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 # Settings a resumed run may change: they do not alter the trajectory.

@@ -8,7 +8,6 @@ constant baked into the program).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from distill.losses import SparseTeacher, distill_loss_from_hidden, sparse_from_logits

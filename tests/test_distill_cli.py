@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from distill.init import parse_layers, student_start
+from distill.init import student_start
+from distill.losses import KINDS
+from distill.settings import LOSS_KINDS, parse_layers
 from hf_tiny import training_text
 from nano.checkpoint import flat_params, load_model_dir
 from nano.cli import cli
@@ -135,6 +137,7 @@ def test_bad_settings_give_one_error_line(tmp_path, tiny_model_dir, corpus, extr
 
 def test_student_from_teacher_layers_keeps_their_weights(tiny_model):
     assert parse_layers("0,2,4-6") == [0, 2, 4, 5, 6]
+    assert set(LOSS_KINDS) == set(KINDS)  # the CLI's list (kept JAX-free) is the loss module's
     config, params = student_start("tiny", TINY, teacher=tiny_model, keep_layers=[2, 3])  # local, global
     assert config.num_layers == 2 and config.layer_types == TINY.layer_types[2:]
     teacher = {k: np.asarray(v) for k, v in flat_params(tiny_model).items()}

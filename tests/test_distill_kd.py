@@ -4,9 +4,6 @@ A student trained with forward KL towards a (random) teacher must end closer to 
 the data alone, at equal steps and tokens.
 """
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
