@@ -43,7 +43,7 @@ from nano.tokenizer import Tokenizer
 
 STDLIB = "stdlib"
 SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")
-_BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "weights")
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "weights")
 
 
 @dataclasses.dataclass(frozen=True)

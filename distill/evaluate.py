@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from distill.data import BATCH_KEYS
 from nano.errors import NanoError
 
-_KEYS = ("tokens", "targets", "positions", "segment_ids", "weights")
 
 
 def _chunk_sums(student_graph, teacher_graph, student_state, teacher_state, chunk):
@@ -79,7 +79,7 @@ class Evaluator:
     def __init__(self, heldout_batches: list[dict], *, teacher_model=None, max_chunk_elements: int = 2 ** 28):
         if not heldout_batches:
             raise NanoError("no held-out batches to evaluate on (is the held-out split empty?)")
-        self.batches = [{k: jnp.asarray(b[k]) for k in _KEYS} for b in heldout_batches]  # on device once
+        self.batches = [{k: jnp.asarray(b[k]) for k in BATCH_KEYS} for b in heldout_batches]  # on device once
         if teacher_model is None:
             self._teacher_graph, self._teacher_state, self._teacher_vocab = None, None, 0
         else:

@@ -44,7 +44,7 @@ class LoopConfig:
     eval_every: int = 0  # 0: only at the end (when an evaluator is given)
 
 
-def _next_batch(iterator, accum: int) -> dict:
+def next_step_batch(iterator, accum: int) -> dict:
     """[accum, batch, seq] arrays: `accum` consecutive data batches for one optimizer step."""
     batches = [next(iterator) for _ in range(accum)]
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
@@ -96,7 +96,7 @@ def train(run_dir: str | Path, student: ModelConfig, datasets, loss_fn: LossFn, 
         while int(state.step) < cfg.steps:
             start = time.perf_counter()  # the whole step: data, teacher, on-policy sampling and the update
             step = int(state.step)
-            batch = _next_batch(iterator, cfg.grad_accum)
+            batch = next_step_batch(iterator, cfg.grad_accum)
             if prepare is not None:
                 batch = prepare(batch, step, state.params)
             state, metrics = step_fn(state, batch)

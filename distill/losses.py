@@ -37,7 +37,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-KINDS = ("ce", "fkl", "rkl", "jsd")
+from distill.settings import LOSS_KINDS as KINDS  # one list, kept where the JAX-free command line reads it
+
 _NEG = -1e30  # a finite "minus infinity" for log-probs: exp gives exactly 0, differences and gradients stay finite
 
 

@@ -17,20 +17,19 @@ import time
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from distill.data import make_datasets
 from distill.evaluate import Evaluator
 from distill.init import params_state, student_start
-from distill.loop import LoopConfig, train
+from distill.loop import EVAL_FILE, METRICS_FILE, LoopConfig, train
 from distill.mfu import forward_flops_per_token, measure_peak_flops, train_flops_per_token
-from distill.report import plot_run
+from distill.report import plot_run, read_jsonl
 from distill.settings import DistillSettings
 from distill.teacher import OnlineTeacher, make_loss
 from distill.teacher_cache import CachedTeacher, cache_teacher, held_steps
 from distill.train import OptimConfig, model_graphdef
-from nano.checkpoint import flat_params, save_model_dir
+from nano.checkpoint import save_model
 from nano.errors import NanoError
 from nano.models import load_model
 from nano.perplexity import perplexity
@@ -91,7 +90,7 @@ def _prepare_fn(settings, teacher, datasets, config):
     if settings.teacher_cache:
         scorer = CachedTeacher(settings.teacher_cache, datasets=datasets, grad_accum=settings.grad_accum,
                                k=settings.top_k)
-        _check_cache_meta(settings, teacher.config)
+        _check_cache_meta(settings, teacher.config, scorer.manifest)
         missing = sorted(set(range(settings.steps)) - set(held_steps(settings.teacher_cache)))
         if missing:  # found now rather than after hours of training
             raise NanoError(f"the teacher cache {settings.teacher_cache} lacks {len(missing)} of this run's "
@@ -112,8 +111,7 @@ def _prepare_fn(settings, teacher, datasets, config):
     return prepare
 
 
-def _check_cache_meta(settings, teacher_config) -> None:
-    manifest = json.loads((Path(settings.teacher_cache) / "manifest.json").read_text())
+def _check_cache_meta(settings, teacher_config, manifest: dict) -> None:
     expected = _teacher_meta(settings, teacher_config)
     differ = [k for k, v in expected.items() if manifest.get("meta", {}).get(k) != v]
     if differ:
@@ -159,10 +157,8 @@ def distill(settings: DistillSettings, run_dir: str | Path, *, resume: bool = Fa
                             prepare=prepare, evaluate=evaluator, flops_per_token=flops, peak_flops=peak,
                             )
     student = nnx.merge(graphdef, state.params)
-    final = run_dir / FINAL_DIR
-    params = {k: np.asarray(v) for k, v in flat_params(student).items()}
-    save_model_dir(config, params, tokenizer, final, overwrite=True,
-                   extra={"distill.json": json.dumps({"run": str(run_dir), **dataclasses.asdict(settings)}, indent=2)})
+    save_model(student, tokenizer, run_dir / FINAL_DIR, overwrite=True,
+               extra={"distill.json": json.dumps({"run": str(run_dir), **dataclasses.asdict(settings)}, indent=2)})
     text_ppl = {}
     for path in settings.eval_text:
         with status(f"perplexity on {path}"):
@@ -175,8 +171,7 @@ def distill(settings: DistillSettings, run_dir: str | Path, *, resume: bool = Fa
 
 
 def _report(run_dir, settings, config, datasets, peak, flops, text_ppl, seconds) -> dict:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    lines, evals = read_jsonl(run_dir / METRICS_FILE), read_jsonl(run_dir / EVAL_FILE)
     steady = lines[1:] or lines  # the first step includes compilation
     return {
         "run": run_dir.name, "loss_kind": settings.loss, "settings": dataclasses.asdict(settings),

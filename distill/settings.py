@@ -9,7 +9,7 @@ import json
 
 from nano.errors import NanoError
 
-LOSS_KINDS = ("fkl", "rkl", "jsd", "ce")  # distill.losses.KINDS
+LOSS_KINDS = ("fkl", "rkl", "jsd", "ce")  # also distill.losses.KINDS
 
 
 def parse_layers(text: str) -> list[int]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.loop import _next_batch  # the loop's own stacking, so the cache's step n is the loop's step n
+from distill.loop import next_step_batch  # the loop's own stacking, so the cache's step n is the loop's step n
 from nano.errors import NanoError
 from nano.ui import progress_bar
 
@@ -124,7 +124,7 @@ def cache_teacher(out_dir: str | Path, datasets, teacher, *, steps: int, grad_ac
     with progress_bar(speed=True) as progress:
         task = progress.add_task("teacher cache", total=len(todo), speed="")
         for step in range(steps):
-            batch = _next_batch(iterator, grad_accum)  # always drawn, so later steps keep the loop's order
+            batch = next_step_batch(iterator, grad_accum)  # always drawn, so later steps keep the loop's order
             if step in held:
                 continue
             t0 = time.perf_counter()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from distill.data import make_datasets
-from distill.loop import _next_batch
+from distill.loop import next_step_batch
 from distill.teacher import OnlineTeacher
 from distill.teacher_cache import CachedTeacher, cache_teacher, held_steps, shard_path
 from nano.config import TINY
@@ -60,7 +60,7 @@ def cache3(setting, tmp_path_factory):
 
 def _step_batches(data, steps, accum=ACCUM):
     it = data.train_iterator()
-    return [_next_batch(it, accum) for _ in range(steps)]
+    return [next_step_batch(it, accum) for _ in range(steps)]
 
 
 def test_round_trip_is_bit_identical_to_online_teacher(setting, cache3):
