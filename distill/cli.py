@@ -72,6 +72,10 @@ def _distributed(coordinator, num_processes, process_id):
 @click.option("--mesh", help="Device mesh, e.g. data=2,fsdp=4 (default: data parallel over all devices).")
 @click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default=_D.compute_dtype,
               show_default=True, help="bfloat16 computes over float32 master weights.")
+@click.option("--qat", default=None, metavar="SCHEME",
+              help="Quantization-aware training: the forward pass rounds weights to SCHEME (int4-b32, int4-b128, "
+                   "int4-channel; embedding int8) with straight-through gradients; also writes RUN/final-SCHEME. "
+                   "Gemma 3's recipe: --student and --teacher both the float model.")
 @click.option("--eval-every", default=_D.eval_every, show_default=True, help="Steps between evals (0: at the end).")
 @click.option("--eval-batches", default=_D.eval_batches, show_default=True, help="Held-out batches per eval.")
 @click.option("--eval-text", multiple=True, type=click.Path(dir_okay=False, exists=True),
@@ -94,6 +98,7 @@ def distill_cmd(ctx, out, resume, distributed, coordinator, num_processes, proce
     nano distill cache-teacher --data stdlib --steps 200 --out runs/teacher-cache
     nano distill --teacher-cache runs/teacher-cache --data stdlib --steps 200 --out runs/kd
     nano distill --loss ce --data stdlib --steps 200 --out runs/ce      # the no-teacher baseline
+    nano distill --qat int4-b32 --student runs/kd/final --teacher runs/kd/final --out runs/qat
 
     Writes RUN/metrics.jsonl, eval.jsonl, checkpoints/, final/ (the student as a model directory),
     loss_curve.png and report.json.
@@ -112,8 +117,9 @@ def distill_cmd(ctx, out, resume, distributed, coordinator, num_processes, proce
         click.echo(json.dumps(report, indent=2))
     else:
         ev = report["final_eval"]
+        where = f"{out}/final" + (f" and {out}/final-{settings.qat}" if settings.qat else "")
         click.echo(f"{out}: {report['tokens_seen']:,} tokens, held-out ppl {ev['heldout_ppl']:.2f}, "
-                   f"{report['tokens_per_s']:,.0f} tok/s, MFU {report['mfu']:.1%}; student in {out}/final")
+                   f"{report['tokens_per_s']:,.0f} tok/s, MFU {report['mfu']:.1%}; student in {where}")
 
 
 @distill_cmd.command("cache-teacher")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from nano.checkpoint import flat_params, is_model_dir, load_model_dir, model_from_flat
+from nano.checkpoint import float_params, is_model_dir, load_model_dir, model_from_flat
 from nano.config import ModelConfig, preset
 from nano.errors import NanoError
 from nano.model import Decoder
@@ -27,7 +27,7 @@ def student_start(student: str, teacher_config: ModelConfig, *, teacher: Decoder
     params = None
     if is_model_dir(student):
         model, _ = load_model_dir(student)
-        config, params = model.config, {k: np.asarray(v) for k, v in flat_params(model).items()}
+        config, params = model.config, float_params(model)  # a quantized one continues from its dequantized weights
     elif Path(student).exists():
         raise NanoError(f"{student} is not a model directory (no config.json)")
     else:
@@ -56,7 +56,7 @@ def _from_teacher_layers(config, teacher_config, teacher, keep):
         raise NanoError(f"teacher layers {wrong} would change kind (local/global) in a {len(keep)}-layer student "
                         f"whose global layers are {[n for n, t in enumerate(types) if t == 'global']}; "
                         f"choose layers whose kinds match that pattern")
-    source = flat_params(teacher)
+    source = float_params(teacher)
     params = {}
     for name, value in source.items():
         if name.startswith("layers."):

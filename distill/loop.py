@@ -20,7 +20,8 @@ from flax import nnx
 
 from distill.checkpoints import RunCheckpoints
 from distill.sharding import make_mesh
-from distill.train import LossFn, OptimConfig, init_state, make_optimizer, make_schedule, make_train_step
+from distill.train import (LossFn, OptimConfig, ParamTransform, init_state, make_optimizer, make_schedule,
+                           make_train_step)
 from nano.config import ModelConfig
 from nano.ui import console, progress_bar
 
@@ -59,11 +60,13 @@ def _truncate(path: Path, last_step: int) -> None:
 def train(run_dir: str | Path, student: ModelConfig, datasets, loss_fn: LossFn, cfg: LoopConfig, *,
           resume: bool = False, init_params=None, prepare: Prepare | None = None,
           evaluate: Callable[[nnx.Module], dict] | None = None, flops_per_token: float | None = None,
-          peak_flops: float | None = None, on_step: Callable[[int, dict], None] | None = None):
+          peak_flops: float | None = None, on_step: Callable[[int, dict], None] | None = None,
+          param_transform: ParamTransform | None = None):
     """Train `student` on `datasets` (distill.data.Datasets) with `loss_fn`; returns (graphdef, final state).
 
     `evaluate(model)` runs every `cfg.eval_every` steps and after the last (eval.jsonl). With `flops_per_token`
-    (model FLOPs per trained token) and `peak_flops`, each metrics line carries the step's MFU.
+    (model FLOPs per trained token) and `peak_flops`, each metrics line carries the step's MFU. With
+    `param_transform` (QAT) the forward pass and the evaluation see the transformed parameters.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -80,12 +83,14 @@ def train(run_dir: str | Path, student: ModelConfig, datasets, loss_fn: LossFn, 
     for path in (metrics_path, eval_path):
         _truncate(path, int(state.step))
     step_fn = make_train_step(graphdef, optimizer, loss_fn, mesh, shardings,
-                              compute_dtype=getattr(jnp, cfg.compute_dtype))
+                              compute_dtype=getattr(jnp, cfg.compute_dtype), param_transform=param_transform)
+    view = param_transform or (lambda params: params)
     schedule = make_schedule(cfg.optim)
     tokens_per_step = cfg.grad_accum * datasets.batch_size * datasets.train.seq_len
 
     def run_eval(step: int) -> None:
-        record = {"step": step, "tokens_seen": step * tokens_per_step, **evaluate(nnx.merge(graphdef, state.params))}
+        model = nnx.merge(graphdef, view(state.params))
+        record = {"step": step, "tokens_seen": step * tokens_per_step, **evaluate(model)}
         with eval_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         console.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()

@@ -5,6 +5,7 @@
     RUN/eval.jsonl      periodic held-out perplexity, teacher–student top-1 agreement and KL
     RUN/checkpoints/    Orbax checkpoints (exact resume)
     RUN/final/          the student as a model directory (every `nano` command takes it)
+    RUN/final-SCHEME/   with --qat: the student quantized to the scheme it trained for (RTN onto the same grid)
     RUN/loss_curve.png, RUN/report.json
 """
 
@@ -25,14 +26,15 @@ from distill.init import params_state, student_start
 from distill.loop import EVAL_FILE, METRICS_FILE, LoopConfig, train
 from distill.mfu import forward_flops_per_token, measure_peak_flops, train_flops_per_token
 from distill.report import plot_run, read_jsonl
-from distill.settings import DistillSettings
+from distill.settings import DistillSettings, qat_block_size
 from distill.teacher import OnlineTeacher, make_loss
 from distill.teacher_cache import CachedTeacher, cache_teacher, held_steps
-from distill.train import OptimConfig, model_graphdef
-from nano.checkpoint import save_model
+from distill.train import OptimConfig, fake_quantizer, model_graphdef
+from nano.checkpoint import param_shapes, save_model
 from nano.errors import NanoError
 from nano.models import load_model
 from nano.perplexity import perplexity
+from nano.quant import tensor_specs
 from nano.ui import console, status
 
 RUN_FILE, REPORT_FILE, FINAL_DIR = "run.json", "report.json", "final"
@@ -152,13 +154,16 @@ def distill(settings: DistillSettings, run_dir: str | Path, *, resume: bool = Fa
                       optim=OptimConfig(lr=settings.lr, warmup_steps=warmup, total_steps=settings.steps))
     loss = make_loss(kind=settings.loss, alpha=settings.alpha, temperature=settings.temperature, beta=settings.beta,
                      vocab_chunk=settings.vocab_chunk)
+    qat = _qat_specs(settings, config)
     graphdef, state = train(run_dir, config, datasets, loss, loop, resume=resume,
                             init_params=None if init is None else params_state(config, init),
                             prepare=prepare, evaluate=evaluator, flops_per_token=flops, peak_flops=peak,
-                            )
+                            param_transform=qat and fake_quantizer(qat))
     student = nnx.merge(graphdef, state.params)
-    save_model(student, tokenizer, run_dir / FINAL_DIR, overwrite=True,
-               extra={"distill.json": json.dumps({"run": str(run_dir), **dataclasses.asdict(settings)}, indent=2)})
+    provenance = {"distill.json": json.dumps({"run": str(run_dir), **dataclasses.asdict(settings)}, indent=2)}
+    save_model(student, tokenizer, run_dir / FINAL_DIR, overwrite=True, extra=provenance)
+    if qat:  # the deployable student; the text perplexities below are of it
+        student = _save_quantized(student, tokenizer, settings, run_dir / f"{FINAL_DIR}-{settings.qat}", provenance)
     text_ppl = {}
     for path in settings.eval_text:
         with status(f"perplexity on {path}"):
@@ -168,6 +173,23 @@ def distill(settings: DistillSettings, run_dir: str | Path, *, resume: bool = Fa
     (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     plot_run(run_dir)
     return report
+
+
+def _qat_specs(settings: DistillSettings, config):
+    if settings.qat is None:
+        return None
+    return tensor_specs(param_shapes(config), block_size=qat_block_size(settings.qat), embeddings="int8")
+
+
+def _save_quantized(student, tokenizer, settings: DistillSettings, out: Path, extra: dict):
+    """RTN onto the grid the run trained for: the codes the last forward pass used."""
+    from quantize.pipeline import quantize_model
+    from quantize.settings import QuantizeSettings
+
+    quant, info = quantize_model(student, tokenizer, QuantizeSettings(block_size=qat_block_size(settings.qat)))
+    save_model(quant, tokenizer, out, overwrite=True, extra=extra,
+               quant_info={**info, "source": {"model": str(out.parent / FINAL_DIR), "qat": settings.qat}})
+    return quant
 
 
 def _report(run_dir, settings, config, datasets, peak, flops, text_ppl, seconds) -> dict:

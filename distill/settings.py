@@ -25,6 +25,16 @@ def parse_layers(text: str) -> list[int]:
 
 
 
+def qat_block_size(scheme: str) -> int:
+    """'int4-b32' → 32, 'int4-channel' → 0 (per channel): the schemes `nano quantize` writes."""
+    kind, _, block = scheme.partition("-")
+    if kind == "int4" and block == "channel":
+        return 0
+    if kind == "int4" and block.startswith("b") and block[1:].isdigit() and int(block[1:]) % 2 == 0:
+        return int(block[1:])
+    raise NanoError(f"--qat takes a scheme like int4-b32, int4-b128 or int4-channel, got {scheme!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillSettings:
     teacher: str = "gemma3-270m"
@@ -55,6 +65,7 @@ class DistillSettings:
     compute_dtype: str = "float32"
     teacher_dtype: str = "float32"
     vocab_chunk: int = 16384
+    qat: str | None = None  # quantization-aware training for this scheme, e.g. "int4-b32"
 
     def check(self) -> None:
         if self.loss not in LOSS_KINDS:
@@ -71,6 +82,8 @@ class DistillSettings:
                             "positive")
         if self.sample_mode not in ("sample", "top"):
             raise NanoError(f"--sample-mode must be 'sample' or 'top', got {self.sample_mode!r}")
+        if self.qat is not None:
+            qat_block_size(self.qat)
         for dtype in (self.compute_dtype, self.teacher_dtype):
             if dtype not in ("float32", "bfloat16"):
                 raise NanoError(f"dtypes are float32 or bfloat16, got {dtype!r}")

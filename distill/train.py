@@ -20,8 +20,10 @@ from jax.sharding import Mesh, NamedSharding
 from distill.sharding import batch_sharding, param_spec, replicated
 from nano.config import ModelConfig
 from nano.model import Decoder
+from nano.quant import QuantSpec, fake_quantize
 
 LossFn = Callable[[Decoder, dict, jax.Array], tuple[jax.Array, dict]]
+ParamTransform = Callable[[nnx.State], nnx.State]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +104,25 @@ def init_state(config: ModelConfig, optimizer: optax.GradientTransformation, *, 
     return graphdef, jax.jit(create, out_shardings=shardings)(key, params)
 
 
+def fake_quantizer(specs: dict[str, QuantSpec]) -> ParamTransform:
+    """QAT's view of the parameters: those named in `specs` rounded onto their int grid in the forward pass, with
+    straight-through gradients to the float masters (which the optimizer keeps updating)."""
+    def transform(params: nnx.State) -> nnx.State:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: fake_quantize(x, specs[_name(path)]) if _name(path) in specs else x, params)
+
+    return transform
+
+
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: LossFn, mesh: Mesh,
-                    shardings: TrainState, *, compute_dtype=jnp.float32):
+                    shardings: TrainState, *, compute_dtype=jnp.float32, param_transform: ParamTransform | None = None):
     """A jitted step(state, batch) -> (state, metrics). Batch arrays are [accum, global_batch, ...]: the step
-    accumulates gradients over the leading axis (gradient accumulation) before one optimizer update."""
+    accumulates gradients over the leading axis (gradient accumulation) before one optimizer update.
+    `param_transform` maps the master weights to those the forward pass uses (QAT's fake quantization)."""
 
     def micro_loss(params, batch, rng):
+        if param_transform is not None:
+            params = param_transform(params)
         model = nnx.merge(graphdef, params)
         model.dtype = compute_dtype  # bfloat16 compute over float32 master weights when asked
         return loss_fn(model, batch, rng)

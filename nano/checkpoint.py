@@ -1,4 +1,5 @@
-"""Model directories: `config.json` + `tokenizer.model` + Orbax parameters under `params/`.
+"""Model directories: `config.json` + `tokenizer.model` + Orbax parameters under `params/`, and for a quantized
+model `quant.json` (see `nano.quant_io`).
 
 Parameters are stored as a flat dict keyed by dotted module paths (`layers.3.attn.q_proj.kernel`), the same
 names the import tables map onto. A directory is written under a temporary name and renamed when complete, so a
@@ -22,6 +23,8 @@ from flax import nnx
 from nano.config import ModelConfig
 from nano.errors import NanoError
 from nano.model import Decoder, abstract_model
+from nano.quant import QuantizedWeight
+from nano.quant_io import CODES, QUANT_FILE, SCALES, from_stored, quant_json, read_quant_json, to_stored
 from nano.tokenizer import Tokenizer
 
 CONFIG_FILE, TOKENIZER_FILE, PARAMS_DIR = "config.json", "tokenizer.model", "params"
@@ -34,6 +37,12 @@ def param_path(path: tuple) -> str:
 def flat_params(model: Decoder) -> dict[str, jax.Array]:
     """{'layers.0.attn.q_proj.kernel': array, ...} for every parameter of the model."""
     return {param_path(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def float_params(model: Decoder) -> dict[str, np.ndarray]:
+    """flat_params as numpy float arrays, quantized weights dequantized (to start training from them)."""
+    return {name: np.asarray(v.dequantize() if isinstance(v, QuantizedWeight) else v)
+            for name, v in flat_params(model).items()}
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -57,14 +66,19 @@ def model_from_flat(config: ModelConfig, params: dict[str, np.ndarray], *, dtype
                     source: str = "parameters") -> Decoder:
     """Build the model from flat parameters (checked strictly first), stored in `dtype`.
 
-    A loaded model is for inference, so its parameters take the compute dtype: bfloat16 halves the bytes every
-    decoded token reads. Training code that wants float32 masters with bfloat16 compute sets `model.dtype`.
+    A loaded model is for inference, so its float parameters take the compute dtype: bfloat16 halves the bytes
+    every decoded token reads. Quantized ones keep their codes and scales. Training code that wants float32
+    masters with bfloat16 compute sets `model.dtype`.
     """
     check_params(config, params, source=source)
     model = abstract_model(config, dtype=dtype)
     state = nnx.state(model, nnx.Param)
     for path, var in nnx.to_flat_state(state):
-        var.set_value(jnp.asarray(params[param_path(path)], dtype))
+        value = params[param_path(path)]
+        if isinstance(value, QuantizedWeight):
+            var.set_value(QuantizedWeight(jnp.asarray(value.codes), jnp.asarray(value.scales), value.spec))
+        else:
+            var.set_value(jnp.asarray(value, dtype))
     nnx.update(model, state)
     return model
 
@@ -78,8 +92,9 @@ def save_model(model: Decoder, tokenizer: Tokenizer, out: str | Path, **kwargs) 
 
 
 def save_model_dir(config: ModelConfig, params: dict[str, np.ndarray], tokenizer: Tokenizer, out: str | Path, *,
-                   overwrite: bool = False, extra: dict[str, str] | None = None) -> Path:
-    """Write a model directory atomically. `extra` maps file names to text written beside config.json."""
+                   overwrite: bool = False, extra: dict[str, str] | None = None, quant_info: dict | None = None) -> Path:
+    """Write a model directory atomically. `extra` maps file names to text written beside config.json; a model
+    with quantized weights also gets quant.json, holding `quant_info` (method, settings, report)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise NanoError(f"{out} already exists (pass --force to replace it)")
@@ -94,8 +109,11 @@ def save_model_dir(config: ModelConfig, params: dict[str, np.ndarray], tokenizer
         tokenizer.save(tmp / TOKENIZER_FILE)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
+        stored, tensors = to_stored(params)
+        if tensors:
+            (tmp / QUANT_FILE).write_text(quant_json(config, tensors, quant_info))
         with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save((tmp / PARAMS_DIR).absolute(), {k: np.asarray(v) for k, v in params.items()})  # Orbax: absolute
+            ckpt.save((tmp / PARAMS_DIR).absolute(), stored)  # Orbax refuses relative paths
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -141,4 +159,14 @@ def load_model_dir(path: str | Path, *, dtype=jnp.float32) -> tuple[Decoder, Tok
             params = ckpt.restore((path / PARAMS_DIR).absolute())  # Orbax refuses relative paths
     except Exception as e:  # Orbax raises many types for a damaged checkpoint; the user needs the path and why
         raise NanoError(f"cannot read parameters from {path / PARAMS_DIR}: {type(e).__name__}: {e}") from None
+    if (path / QUANT_FILE).exists():
+        params = from_stored(config, params, read_quant_json(path / QUANT_FILE), source=str(path))
+    elif any(k.endswith((CODES, SCALES)) for k in params):
+        raise NanoError(f"{path} holds quantized parameters but no {QUANT_FILE} to say how to read them")
     return model_from_flat(config, params, dtype=dtype, source=str(path)), tokenizer
+
+
+def load_quant_info(path: str | Path) -> dict | None:
+    """A model directory's quant.json (checked), or None for a float model."""
+    file = Path(path) / QUANT_FILE
+    return read_quant_json(file) if file.exists() else None

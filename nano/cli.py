@@ -94,16 +94,23 @@ def import_safetensors_cmd(src, out, force):
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the config and parameter count as JSON.")
 def info(model, as_json):
-    """Architecture and exact parameter count of MODEL or a preset (nano-1, nano-2, nano-micro, tiny, gemma3-270m).
+    """Architecture, exact parameter count and bits per weight of MODEL or a preset (nano-1, nano-2, nano-micro,
+    tiny, gemma3-270m).
 
     Presets are measured with jax.eval_shape: nothing is allocated and no weights are loaded.
     """
+    from nano.checkpoint import is_model_dir, load_quant_info, param_shapes
     from nano.model import abstract_model, count_params
     from nano.models import resolve_config
+    from nano.quant_io import weight_bits
 
     config = resolve_config(model)
+    quant = load_quant_info(model) if is_model_dir(model) else None
     result = {**config.to_dict(), "params": count_params(abstract_model(config)),
-              "layer_types": list(config.layer_types), "config_hash": config.hash}
+              "layer_types": list(config.layer_types), "config_hash": config.hash,
+              **weight_bits(quant, param_shapes(config))}
+    if quant:
+        result.update(quantization=quant.get("scheme"), quant_method=quant.get("method"))
     if as_json:
         _print_json(result)
         return
@@ -114,6 +121,8 @@ def info(model, as_json):
     size = f"{params / 1e9:.3f}B" if params >= 1e9 else f"{params / 1e6:.3f}M"
     table = Table(title=f"{model}: {size} parameters", show_header=False)
     for key, value in result.items():
+        if isinstance(value, float) and key.startswith("bits_"):
+            value = f"{value:.3f}"
         table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
     Console().print(table)
 
@@ -223,13 +232,15 @@ def corpus(split, max_chars, out):
     click.echo(f"{out}: {len(text):,} characters from the {split} split ({len(corpus_files(split))} files)")
 
 
-def _add_distill() -> None:
-    from distill.cli import distill_cmd  # a NanoError in it still becomes one line: cli's invoke wraps it
+def _add_stages() -> None:
+    from distill.cli import distill_cmd  # a NanoError in them still becomes one line: cli's invoke wraps it
+    from quantize.cli import quantize_cmd
 
     cli.add_command(distill_cmd)
+    cli.add_command(quantize_cmd)
 
 
-_add_distill()
+_add_stages()
 
 
 def main() -> None:

@@ -1,19 +1,45 @@
 """The decoder's building blocks: RMSNorm, Linear, the (tied) embedding, rotary position embedding.
 
-Every weight multiplication goes through `matmul_weight`, so a later weight format (int4 codes + scales) is
-handled in one place and every stage runs it through the same modules.
+Every weight goes through `as_array`, so a weight is a float array or a `QuantizedWeight` (int codes + scales)
+and every stage runs either through the same modules.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nano.quant import QuantizedWeight
 
-def matmul_weight(x: jax.Array, weight: jax.Array) -> jax.Array:
+# Calibration (GPTQ, AWQ) needs the input of every projection. Inside `tap_linear_inputs(fn)` each Linear calls
+# fn(module, x) before its matmul; outside it nothing happens (the check runs at trace time, not in the program).
+_LINEAR_INPUT_TAP: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("linear_input_tap", default=None)
+
+
+@contextlib.contextmanager
+def tap_linear_inputs(fn: Callable[["Linear", jax.Array], None]):
+    token = _LINEAR_INPUT_TAP.set(fn)
+    try:
+        yield
+    finally:
+        _LINEAR_INPUT_TAP.reset(token)
+
+
+def as_array(weight: jax.Array | QuantizedWeight, dtype) -> jax.Array:
+    """The weight in `dtype`: a float array cast, a quantized one dequantized."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.dequantize(dtype)
+    return weight.astype(dtype)
+
+
+def matmul_weight(x: jax.Array, weight: jax.Array | QuantizedWeight) -> jax.Array:
     """x [..., in] @ weight [in, out] in x's dtype (the compute dtype), accumulating in float32."""
-    return jnp.matmul(x, weight.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.matmul(x, as_array(weight, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -41,7 +67,10 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (in_dim, out_dim), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return matmul_weight(x, self.kernel[...])
+        tap = _LINEAR_INPUT_TAP.get()
+        if tap is not None:
+            tap(self, x)
+        return matmul_weight(x, self.kernel.get_value())
 
 
 class Embedder(nnx.Module):
@@ -54,9 +83,13 @@ class Embedder(nnx.Module):
         self.embedding = nnx.Param(init(rngs.params(), (vocab_size, d_model), jnp.float32))
 
     def encode(self, tokens: jax.Array, dtype) -> jax.Array:
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+        table = self.embedding.get_value()
+        if isinstance(table, QuantizedWeight):  # dequantize the looked-up rows only
+            x = table.take(tokens, dtype)
+        else:
+            x = jnp.take(table, tokens, axis=0).astype(dtype)
         # Gemma multiplies by sqrt(d_model) rounded to the compute dtype.
-        return x * jnp.asarray(self.embedding[...].shape[-1] ** 0.5, dtype)
+        return x * jnp.asarray(table.shape[-1] ** 0.5, dtype)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, *, base: float, scale: float = 1.0) -> jax.Array:

@@ -8,13 +8,15 @@ values at `positions` and attends over the cache, so prefill and token-by-token 
 
 from __future__ import annotations
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from nano.config import GLOBAL, ModelConfig
-from nano.layers import Embedder, Linear, RMSNorm, apply_rope
+from nano.layers import Embedder, Linear, RMSNorm, apply_rope, as_array
 
 _MASKED = -1e30  # a finite "minus infinity": a fully masked row cannot produce NaN
 
@@ -177,8 +179,8 @@ class Decoder(nnx.Module):
 
         `embedding` may be a slice of vocabulary rows [V', d_model], giving the logits of those tokens only.
         """
-        w = self.embedder.embedding[...] if embedding is None else embedding
-        logits = jnp.matmul(hidden, w.astype(hidden.dtype).T, preferred_element_type=jnp.float32)
+        w = self.embedder.embedding.get_value() if embedding is None else embedding
+        logits = jnp.matmul(hidden, as_array(w, hidden.dtype).T, preferred_element_type=jnp.float32)
         if self.config.final_logit_softcap is not None:
             cap = self.config.final_logit_softcap
             logits = jnp.tanh(logits / cap) * cap
@@ -195,4 +197,5 @@ def abstract_model(config: ModelConfig, *, dtype=jnp.float32) -> Decoder:
 
 
 def count_params(model: Decoder) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    """Weights counted once each, float or quantized (a quantized weight's scales are not extra parameters)."""
+    return sum(math.prod(var.get_value().shape) for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)))

@@ -128,6 +128,7 @@ def test_resume_continues_and_refuses_other_settings(tmp_path, tiny_model_dir, c
     (("--keep-layers", "1,2"), "change kind"),
     (("--keep-layers", "0,x"), "layer indices"),
     (("--teacher-cache", "nowhere"), "not a teacher cache"),
+    (("--qat", "int3-b32"), "--qat takes"),
 ])
 def test_bad_settings_give_one_error_line(tmp_path, tiny_model_dir, corpus, extra, message):
     result = nano("distill", *data_args(tiny_model_dir, corpus), *COMMON, *extra, "--out", tmp_path / "run", ok=False)

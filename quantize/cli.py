@@ -1,0 +1,76 @@
+"""`nano quantize`: the command-line face of quantize.run."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from quantize.settings import EMBEDDINGS, METHODS, QuantizeSettings, parse_block_size
+
+_Q = QuantizeSettings()
+
+
+@click.command("quantize")
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Quantized model directory to write.")
+@click.option("--method", type=click.Choice(METHODS), default=_Q.method, show_default=True,
+              help="Round to nearest, GPTQ (Hessian error feedback) or AWQ (activation-aware scales + clipping).")
+@click.option("--block-size", default=str(_Q.block_size), show_default=True,
+              help="Weights per int4 scale along the input dimension (32, 64, 128, ...) or 'channel'.")
+@click.option("--embeddings", type=click.Choice(EMBEDDINGS), default=_Q.embeddings, show_default=True,
+              help="The tied embedding / output head: int8 per row, int4 in blocks, or kept float.")
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None,
+              help="Calibration text for GPTQ/AWQ (default: the stdlib corpus's train split).")
+@click.option("--samples", default=_Q.samples, show_default=True, help="Calibration sequences.")
+@click.option("--seq-len", default=_Q.seq_len, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--act-order/--no-act-order", default=_Q.act_order, show_default=True,
+              help="GPTQ: quantize the most active inputs first.")
+@click.option("--damp", default=_Q.damp, show_default=True, help="GPTQ: Hessian damping (fraction of its mean diagonal).")
+@click.option("--eval-text", type=click.Path(dir_okay=False), default=None,
+              help="Text for the perplexity / KL / top-1 report (default: 40k characters of the held-out split).")
+@click.option("--no-eval", is_flag=True, help="Skip the comparison with the float model.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def quantize_cmd(model, out, method, block_size, embeddings, calibration, samples, seq_len, act_order, damp,
+                 eval_text, no_eval, force, as_json):
+    """Quantize MODEL's weights to 4 bits (symmetric int4 in blocks along the input dimension, LiteRT's scheme).
+
+    \b
+    nano quantize gemma3-270m --out runs/q/rtn
+    nano quantize gemma3-270m --method gptq --out runs/q/gptq
+    nano quantize runs/kd/final --method awq --block-size 128 --out runs/q/kd-awq
+
+    The result is a model directory (quant.json describes the codes and scales) that every command takes.
+    """
+    from quantize.run import quantize
+
+    settings = QuantizeSettings(method=method, block_size=parse_block_size(block_size), embeddings=embeddings,
+                                calibration=calibration, samples=samples, seq_len=seq_len, act_order=act_order,
+                                damp=damp)
+    result = quantize(model, out, settings, eval_path=eval_text, evaluate=not no_eval, force=force)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    _print_table(result)
+
+
+def _print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['source']['model']} → {result['out']} ({result['method']} {result['scheme']})",
+                  show_header=False)
+    table.add_row("bits per weight (all / projections)",
+                  f"{result['bits_per_weight']:.3f} / {result['bits_per_linear_weight']:.3f}")
+    table.add_row("size on disk", f"{result['bytes_on_disk'] / 2**20:,.1f} MiB "
+                                  f"(float: {result['source_bytes_on_disk'] / 2**20:,.1f} MiB)")
+    report = result.get("report")
+    if report:
+        table.add_row("perplexity float → quantized",
+                      f"{report['float_ppl']:.4f} → {report['quant_ppl']:.4f} ({report['ppl_increase_pct']:+.2f}%)")
+        table.add_row("KL(float ‖ quantized) per token", f"{report['kl']:.5f}")
+        table.add_row("top-1 agreement", f"{report['top1_agreement']:.4f}")
+        table.add_row("evaluated on", f"{report['tokens']:,} tokens of {report['text']}")
+    table.add_row("time", f"{result['seconds']:.1f} s")
+    Console().print(table)

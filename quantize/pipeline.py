@@ -1,0 +1,120 @@
+"""Quantize a model: RTN everywhere, or GPTQ / AWQ for the projections (calibrated block by block); the embedding
+is always rounded to nearest (it is a lookup table and the head at once, with no single input to calibrate on).
+
+    qmodel, info = quantize_model(model, tokenizer, QuantizeSettings(method="gptq"))
+
+The input model is left as it was; the result shares its float norms (AWQ's folded ones excepted).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from flax import nnx
+
+from nano.checkpoint import flat_params, param_path
+from nano.corpus import corpus_text
+from nano.errors import NanoError
+from nano.quant import QuantizedWeight, QuantSpec, quantize_rtn, tensor_specs
+from quantize import awq
+from quantize.calibrate import InputStats, calibration_tokens, walk_blocks
+from quantize.gptq import gptq
+from quantize.settings import QuantizeSettings
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def calibration_text(settings: QuantizeSettings) -> tuple[str, str]:
+    """(text, where it came from). The default corpus's train split, cut to what the samples need (~4 characters
+    per token, twice over so the windows spread across many files)."""
+    if settings.calibration is None:
+        chars = settings.samples * settings.seq_len * 8
+        return corpus_text("train", max_chars=chars), f"stdlib train split ({chars:,} characters)"
+    path = Path(settings.calibration)
+    if not path.is_file():
+        raise NanoError(f"--calibration {path} does not exist or is not a file")
+    return path.read_text(encoding="utf-8", errors="replace"), str(path)
+
+
+def quantize_model(model, tokenizer, settings: QuantizeSettings, *, progress: Progress | None = None):
+    """(quantized copy of model, info for quant.json)."""
+    settings.check()
+    start = time.perf_counter()
+    qmodel = nnx.clone(model)
+    params = flat_params(model)
+    if any(isinstance(v, QuantizedWeight) for v in params.values()):
+        raise NanoError("the model is already quantized; quantize its float source instead")
+    specs = tensor_specs(params, block_size=settings.block_size, embeddings=settings.embeddings)
+    for name, spec in specs.items():
+        try:
+            spec.block(params[name].shape)
+        except ValueError as e:
+            raise NanoError(f"cannot quantize {name} at --block-size {settings.block_size}: {e}") from None
+    state = nnx.state(qmodel, nnx.Param)
+    info = {"method": settings.method, "scheme": settings.scheme, "settings": settings.to_dict()}
+    for path, var in nnx.to_flat_state(state):  # RTN: everything; GPTQ/AWQ: the embedding (before calibration)
+        name = param_path(path)
+        if name in specs and (settings.method == "rtn" or not name.endswith(".kernel")):
+            var.set_value(quantize_rtn(var.get_value(), specs[name]))
+    nnx.update(qmodel, state)
+    if settings.method != "rtn":
+        text, source = calibration_text(settings)
+        tokens = calibration_tokens(tokenizer, text, samples=settings.samples, seq_len=settings.seq_len)
+        on_block = functools.partial(_gptq_block if settings.method == "gptq" else _awq_block, settings=settings,
+                                     spec=QuantSpec(4, settings.block_size, 0), config=model.config)
+        walk_blocks(qmodel, tokens, on_block,
+                    progress=progress and (lambda done, total: progress(f"{settings.method} blocks", done, total)))
+        info["calibration"] = {"text": source, "samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])}
+    info["seconds"] = round(time.perf_counter() - start, 1)
+    return qmodel, info
+
+
+def _module(block, name: str):
+    return functools.reduce(getattr, name.split("."), block)
+
+
+def _gptq_block(index, block, stats: dict[str, InputStats], *, settings, spec, config) -> None:
+    for name, stat in stats.items():
+        linear = _module(block, name)
+        kernel = np.asarray(linear.kernel.get_value())
+        linear.kernel.set_value(gptq(kernel, stat.hessian, spec, damp=settings.damp, act_order=settings.act_order))
+
+
+def _awq_block(index, block, stats: dict[str, InputStats], *, settings, spec, config) -> None:
+    kernels, hessians = awq_scale_and_fold(block, stats, spec, config)
+    for name, kernel in kernels.items():
+        _module(block, name).kernel.set_value(awq.clip_and_quantize(kernel, hessians[name], spec))
+
+
+def awq_scale_and_fold(block, stats: dict[str, InputStats], spec: QuantSpec, config):
+    """Search the four input groups' scales on the float weights and fold 1/s into the norms and projections that
+    make those inputs (in the block, in place). Returns the scaled kernels still to be rounded, and the Hessians
+    of their (now scaled) inputs; the block's float function is unchanged."""
+    heads = (config.num_kv_heads, config.queries_per_kv_head, config.head_dim)
+    groups = [  # (projections sharing an input, where 1/s is folded, how query heads tie)
+        (("attn.q_proj", "attn.k_proj", "attn.v_proj"), "attn_norm", None),
+        (("attn.o_proj",), "attn.v_proj", heads),
+        (("mlp.gate", "mlp.up"), "mlp_norm", None),
+        (("mlp.down",), "mlp.up", None),
+    ]
+    kernels = {name: np.asarray(_module(block, name).kernel.get_value(), np.float64) for name in stats}
+    hessians = {}
+    for names, fold_into, tie in groups:
+        stat = stats[names[0]]
+        s = awq.search_scale([kernels[n] for n in names], stat.hessian, stat.mean_abs, spec, heads=tie)
+        for n in names:
+            kernels[n] = kernels[n] * s[:, None]
+            hessians[n] = stat.hessian / np.outer(s, s)  # the inputs are now X / s
+        target = _module(block, fold_into)
+        if fold_into.endswith("_norm"):
+            target.scale.set_value(target.scale.get_value() / s.astype(np.float32))
+        else:  # a projection's output columns; for v, one column per (KV head, dim) that the tied s shares
+            cols = s.reshape(heads)[:, 0, :].reshape(-1) if tie else s
+            kernels[fold_into] = kernels[fold_into] / cols[None, :]
+    for name, kernel in kernels.items():
+        _module(block, name).kernel.set_value(kernel.astype(np.float32))
+    return kernels, hessians

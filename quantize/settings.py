@@ -1,0 +1,53 @@
+"""The settings of one quantization (`nano quantize`'s options), free of JAX imports so the command line starts
+fast; `quantize.pipeline` carries them out and quant.json records them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from nano.errors import NanoError
+
+METHODS = ("rtn", "gptq", "awq")
+EMBEDDINGS = ("int8", "int4", "float")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeSettings:
+    method: str = "rtn"
+    block_size: int = 32  # 0: one scale per output channel
+    embeddings: str = "int8"  # the tied embedding / output head: int8 per row, int4 in blocks, or float
+    calibration: str | None = None  # a text file; None: the default corpus's train split
+    samples: int = 128  # calibration sequences (GPTQ, AWQ)
+    seq_len: int = 512
+    act_order: bool = True  # GPTQ
+    damp: float = 0.01  # GPTQ: Hessian damping, a fraction of its mean diagonal
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise NanoError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.embeddings not in EMBEDDINGS:
+            raise NanoError(f"--embeddings must be one of {', '.join(EMBEDDINGS)}, got {self.embeddings!r}")
+        if self.block_size < 0 or self.block_size % 2:
+            raise NanoError(f"--block-size must be an even number of weights (32, 64, 128, ...) or 'channel', "
+                            f"got {self.block_size}")
+        if self.samples < 1 or self.seq_len < 2:
+            raise NanoError("--samples must be at least 1 and --seq-len at least 2")
+        if not 0 < self.damp < 1:
+            raise NanoError(f"--damp must be in (0, 1), got {self.damp}")
+
+    @property
+    def scheme(self) -> str:
+        """'int4-b32', 'int4-channel', ..."""
+        return f"int4-{'b' + str(self.block_size) if self.block_size else 'channel'}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_block_size(text: str) -> int:
+    if str(text).lower() in ("channel", "per-channel", "0"):
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise NanoError(f"--block-size takes a number of weights (32, 64, 128) or 'channel', got {text!r}") from None
