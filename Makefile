@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 DISTILL_DIR ?= runs/distill
 DISTILL_STEPS ?= 20
+QUANT_DIR ?= runs/quantize
+QUANT_RUNS = rtn-b32 gptq-b32 awq-b32 rtn-b128 gptq-b128 awq-b128
 # Text the corpus (the stdlib's .py sources) does not contain: Python's licence (prose) and click's exceptions (code).
 OUTSIDE_TEXT = $(shell $(BIN)/python -c "import sysconfig, click, os; \
   print(os.path.join(sysconfig.get_paths()['stdlib'], 'LICENSE.txt'), os.path.join(os.path.dirname(click.__file__), 'exceptions.py'))")
@@ -13,7 +15,7 @@ DISTILL_DATA = --teacher gemma3-270m --data stdlib --steps $(DISTILL_STEPS) --ba
   --teacher-dtype bfloat16
 DISTILL_RUN = --student nano-micro --eval-every 10 --eval-batches 2 $(foreach f,$(OUTSIDE_TEXT),--eval-text $(f))
 
-.PHONY: install test test-slow demo distill clean
+.PHONY: install test test-slow demo distill quantize clean
 
 install: $(STAMP)
 
@@ -44,6 +46,13 @@ distill: install
 	$(BIN)/nano distill $(DISTILL_DATA) $(DISTILL_RUN) --teacher-cache $(DISTILL_DIR)/teacher-cache --out $(DISTILL_DIR)/kd
 	$(BIN)/nano distill $(DISTILL_DATA) $(DISTILL_RUN) --loss ce --out $(DISTILL_DIR)/ce
 	$(BIN)/python -m distill.report $(DISTILL_DIR)/kd $(DISTILL_DIR)/ce --out $(DISTILL_DIR)
+
+# The embedded teacher at int4, by each method at blocks 32 and 128, measured against the float model on held-out
+# text; runs/quantize/comparison.{md,png} (~45 min on two cores).
+quantize: install
+	$(foreach r,$(QUANT_RUNS),$(BIN)/nano quantize gemma3-270m --method $(firstword $(subst -b, ,$(r))) \
+	  --block-size $(lastword $(subst -b, ,$(r))) --out $(QUANT_DIR)/$(r) --force &&) true
+	$(BIN)/python -m quantize.compare $(addprefix $(QUANT_DIR)/,$(QUANT_RUNS)) --out $(QUANT_DIR)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -68,11 +68,8 @@ class QuantSpec:
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(d // self.block(shape) if i == self.axis else d for i, d in enumerate(shape))
 
-    def bits_per_weight(self) -> float:
-        """Code bits plus the scale's share (a per-channel scale's share depends on the shape: see stored_bits)."""
-        return self.bits + (16 / self.block_size if self.blockwise else 0.0)
-
     def stored_bits(self, shape: tuple[int, ...]) -> int:
+        """Bits on disk for a tensor of `shape`: its codes plus its scales."""
         scales = math.prod(self.scale_shape(shape)) * np.dtype(self.scale_dtype).itemsize * 8
         return math.prod(shape) * self.bits + scales
 

@@ -22,10 +22,6 @@ FORMAT, VERSION = "nano-quant", 1
 CODES, SCALES = ".codes", ".scales"
 
 
-def is_quantized(params: dict) -> bool:
-    return any(isinstance(v, QuantizedWeight) for v in params.values())
-
-
 def to_stored(params: dict) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """(arrays to write, quant.json's "tensors" entry) for flat parameters that may hold QuantizedWeights."""
     stored, tensors = {}, {}

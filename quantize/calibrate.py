@@ -76,14 +76,13 @@ def walk_blocks(model, tokens: np.ndarray, on_block: Callable[[int, object, dict
     run = jax.jit(lambda g, s, x, p: nnx.merge(g, s)(x, p)[0], static_argnums=0)
     for index, block in enumerate(model.layers):
         graphdef, state = nnx.split(block)
-        stats_of = jax.jit(lambda s, x, p: _block_stats(graphdef, s, x, p)[1:])
+        stats_of = jax.jit(lambda s, x, p: _block_stats(graphdef, s, x, p)[1])
         which, totals = None, None
         for x in xs:
             p = positions[: x.shape[0]]
             if which is None:
                 which = _block_stats_names(graphdef, state, x, p)
-            sums, _ = stats_of(state, x, p)
-            sums = [(np.asarray(h, np.float64), np.asarray(a, np.float64)) for h, a in sums]
+            sums = [(np.asarray(h, np.float64), np.asarray(a, np.float64)) for h, a in stats_of(state, x, p)]
             totals = sums if totals is None else [(h0 + h, a0 + a) for (h0, a0), (h, a) in zip(totals, sums)]
         count = n * t
         stats = {name: InputStats(totals[i][0] / count, totals[i][1] / count, count) for name, i in which.items()}

@@ -239,3 +239,33 @@ def quantize_model_cli(model, out, *args):
                                 block_size=parse_block_size(options.get("--block-size", "32")),
                                 calibration=options.get("--calibration"), samples=4, seq_len=32)
     return quantize(str(model), out, settings, evaluate=False)
+
+
+def test_compare_tabulates_and_plots_quantized_directories(quant_dir, tmp_path):
+    from quantize.compare import compare
+
+    out, result = quant_dir
+    rows = compare([out], tmp_path / "cmp")
+    assert rows[0]["method"] == "gptq" and rows[0]["quant_ppl"] == pytest.approx(result["report"]["quant_ppl"])
+    assert "| gptq | gptq | int4-b32 | " in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(NanoError, match="not a quantized model directory"):
+        compare([tmp_path / "cmp"], tmp_path / "cmp2")
+
+
+def test_distill_takes_a_quantized_directory_as_teacher_and_as_student(quant_dir, tmp_path, calibration_file):
+    out, _ = quant_dir
+    text = calibration_file.read_text()
+    (tmp_path / "train.txt").write_text(text[: len(text) * 3 // 4])
+    (tmp_path / "heldout.txt").write_text(text[len(text) * 3 // 4:])
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, [str(a) for a in (
+        "distill", "--teacher", out, "--student", out, "--data", tmp_path / "train.txt", "--eval-data",
+        tmp_path / "heldout.txt", "--steps", 1, "--batch-size", 2, "--seq-len", 16, "--top-k", 8,
+        "--eval-batches", 1, "--json", "--out", run)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads(result.output[result.output.index("{\n"):])
+    # the student starts as the teacher's dequantized weights: they agree before any training step moves them
+    assert report["final_eval"]["teacher_student_top1"] > 0.9
+    student, _ = load_model_dir(run / "final")
+    assert not any(hasattr(v, "spec") for v in flat_params(student).values())  # trained in float
