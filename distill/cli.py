@@ -75,7 +75,8 @@ def _distributed(coordinator, num_processes, process_id):
 @click.option("--qat", default=None, metavar="SCHEME",
               help="Quantization-aware training: the forward pass rounds weights to SCHEME (int4-b32, int4-b128, "
                    "int4-channel; embedding int8) with straight-through gradients; also writes RUN/final-SCHEME. "
-                   "Gemma 3's recipe: --student and --teacher both the float model.")
+                   "Gemma 3's recipe: --student and --teacher both the float model, a small --lr (3e-5) and "
+                   "--sample-mode top.")
 @click.option("--eval-every", default=_D.eval_every, show_default=True, help="Steps between evals (0: at the end).")
 @click.option("--eval-batches", default=_D.eval_batches, show_default=True, help="Held-out batches per eval.")
 @click.option("--eval-text", multiple=True, type=click.Path(dir_okay=False, exists=True),
@@ -98,7 +99,7 @@ def distill_cmd(ctx, out, resume, distributed, coordinator, num_processes, proce
     nano distill cache-teacher --data stdlib --steps 200 --out runs/teacher-cache
     nano distill --teacher-cache runs/teacher-cache --data stdlib --steps 200 --out runs/kd
     nano distill --loss ce --data stdlib --steps 200 --out runs/ce      # the no-teacher baseline
-    nano distill --qat int4-b32 --student runs/kd/final --teacher runs/kd/final --out runs/qat
+    nano distill --qat int4-b32 --student runs/kd/final --teacher runs/kd/final --lr 3e-5 --out runs/qat
 
     Writes RUN/metrics.jsonl, eval.jsonl, checkpoints/, final/ (the student as a model directory),
     loss_curve.png and report.json.
