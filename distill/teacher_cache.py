@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.loop import next_step_batch  # the loop's own stacking, so the cache's step n is the loop's step n
+from nano.checkpoint import directory_bytes
 from nano.errors import NanoError
 from nano.ui import progress_bar
 
@@ -145,8 +146,8 @@ def cache_teacher(out_dir: str | Path, datasets, teacher, *, steps: int, grad_ac
             rate = tokens_per_step / (time.perf_counter() - t0)
             progress.update(task, advance=1, speed=f"{rate:,.0f} tok/s")
     total = len(held_steps(out))
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return CacheInfo(out, total, len(todo), total * tokens_per_step, size, time.perf_counter() - start)
+    return CacheInfo(out, total, len(todo), total * tokens_per_step, directory_bytes(out),
+                     time.perf_counter() - start)
 
 
 class CachedTeacher:

@@ -83,6 +83,11 @@ def model_from_flat(config: ModelConfig, params: dict[str, np.ndarray], *, dtype
     return model
 
 
+def directory_bytes(path: str | Path) -> int:
+    """Bytes of every file under `path` (a model directory, a cache): what it takes on disk."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 def is_model_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 

@@ -35,9 +35,9 @@ def _scaled_error(kernels, hessian, channel_scale, spec: QuantSpec):
 
 
 def _rtn(w, spec: QuantSpec, clip=1.0):
+    """w rounded to nearest with its block maxima clipped at `clip`, dequantized (float32)."""
     scales = absmax_scales(w, spec, clip=clip)
-    block = spec.block(w.shape)
-    return (codes_for(w, scales, spec).astype(jnp.float32) * jnp.repeat(scales, block, axis=0))
+    return QuantizedWeight(codes=codes_for(w, scales, spec), scales=scales, spec=spec).dequantize()
 
 
 def search_scale(kernels: list[np.ndarray], hessian: np.ndarray, mean_abs: np.ndarray, spec: QuantSpec,

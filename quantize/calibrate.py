@@ -76,31 +76,23 @@ def walk_blocks(model, tokens: np.ndarray, on_block: Callable[[int, object, dict
     run = jax.jit(lambda g, s, x, p: nnx.merge(g, s)(x, p)[0], static_argnums=0)
     for index, block in enumerate(model.layers):
         graphdef, state = nnx.split(block)
-        stats_of = jax.jit(lambda s, x, p: _block_stats(graphdef, s, x, p)[1])
-        which, totals = None, None
+        which: dict[str, int] = {}  # filled while the first call traces: which input each projection reads
+
+        @jax.jit
+        def stats_of(s, x, p):
+            names, sums, _ = _block_stats(graphdef, s, x, p)
+            which.update(names)
+            return sums
+
+        totals = None
         for x in xs:
-            p = positions[: x.shape[0]]
-            if which is None:
-                which = _block_stats_names(graphdef, state, x, p)
-            sums = [(np.asarray(h, np.float64), np.asarray(a, np.float64)) for h, a in stats_of(state, x, p)]
+            sums = [(np.asarray(h, np.float64), np.asarray(a, np.float64))
+                    for h, a in stats_of(state, x, positions[: x.shape[0]])]
             totals = sums if totals is None else [(h0 + h, a0 + a) for (h0, a0), (h, a) in zip(totals, sums)]
         count = n * t
         stats = {name: InputStats(totals[i][0] / count, totals[i][1] / count, count) for name, i in which.items()}
         on_block(index, block, stats)
-        graphdef, state = nnx.split(block)  # the block as quantized
-        xs = [run(graphdef, state, x, positions[: x.shape[0]]) for x in xs]
+        quantized_graph, quantized_state = nnx.split(block)  # stats_of keeps the float block's graphdef
+        xs = [run(quantized_graph, quantized_state, x, positions[: x.shape[0]]) for x in xs]
         if progress:
             progress(index + 1, len(model.layers))
-
-
-def _block_stats_names(graphdef, state, x, p) -> dict[str, int]:
-    """Which input each projection reads (traced once, abstractly: nothing is computed)."""
-    result = {}
-
-    def trace(s, x, p):
-        which, _, out = _block_stats(graphdef, s, x, p)
-        result.update(which)
-        return out
-
-    jax.eval_shape(trace, state, x, p)
-    return result

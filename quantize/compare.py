@@ -13,9 +13,9 @@ import click
 from matplotlib.figure import Figure
 
 from distill.report import _atomic_write, _save_figure
-from nano.checkpoint import load_config, load_quant_info, param_shapes
+from nano.checkpoint import load_config, load_quant_info
 from nano.errors import NanoError
-from nano.quant_io import weight_bits
+from quantize.report import size_report
 
 COLUMNS = ("model", "method", "scheme", "bits/weight", "bits/linear weight", "MiB on disk", "float ppl",
            "quantized ppl", "ppl increase", "KL", "top-1")
@@ -26,10 +26,8 @@ def _row(directory: Path) -> dict:
     if info is None or "report" not in info:
         raise NanoError(f"{directory} is not a quantized model directory with a report (run `nano quantize` "
                         "without --no-eval)")
-    report = info["report"]
-    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     return {"model": directory.name, "method": info["method"], "scheme": info["scheme"],
-            **weight_bits(info, param_shapes(load_config(directory))), "bytes_on_disk": size, **report}
+            **size_report(load_config(directory), info, directory), **info["report"]}
 
 
 def compare(directories: list[Path], out_dir: Path) -> list[dict]:

@@ -56,7 +56,7 @@ def gptq(kernel: np.ndarray, hessian: np.ndarray, spec: QuantSpec, *, damp: floa
         for i in range(stop - start):
             row = order[start + i]
             if not static and row % block == 0:  # a block begins: its scales from the weights as they are now
-                scales[row // block] = _scales(part[i:i + block], spec.__class__(spec.bits, block, 0))[0]
+                scales[row // block] = _scales(part[i:i + block], spec)[0]
             s = scales[row // block] if spec.blockwise else scales[0]
             q = np.clip(np.round(part[i] / s), lo, hi)
             codes[start + i] = q

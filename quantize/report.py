@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.evaluate import Evaluator
-from nano.checkpoint import param_shapes
+from nano.checkpoint import directory_bytes, param_shapes
 from nano.perplexity import make_windows
 from nano.quant_io import weight_bits
 
@@ -41,5 +41,5 @@ def compare(float_model, quant_model, tokenizer, text: str, *, window: int = 512
 def size_report(config, quant_info: dict | None, directory: Path | None = None) -> dict:
     report = weight_bits(quant_info, param_shapes(config))
     if directory is not None:
-        report["bytes_on_disk"] = sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+        report["bytes_on_disk"] = directory_bytes(directory)
     return report

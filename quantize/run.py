@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nano.checkpoint import flat_params, load_quant_info, save_model_dir
+from nano.checkpoint import directory_bytes, flat_params, load_quant_info, save_model_dir
 from nano.corpus import corpus_text
 from nano.errors import NanoError
 from nano.models import load_model, resolve_model_dir
@@ -48,5 +48,5 @@ def quantize(model: str, out: str | Path, settings: QuantizeSettings, *, eval_pa
             info["report"] = {**compare(net, qnet, tokenizer, text), "text": text_source}
     save_model_dir(net.config, flat_params(qnet), tokenizer, out, overwrite=force, quant_info=info)
     sizes = size_report(net.config, load_quant_info(out), out)
-    sizes["source_bytes_on_disk"] = size_report(net.config, None, source)["bytes_on_disk"]
+    sizes["source_bytes_on_disk"] = directory_bytes(source)
     return {**info, **sizes, "out": str(out)}
