@@ -1,8 +1,87 @@
-"""`nano-export`: the export entry point. The converter arrives with the export issue; until then it says so."""
+"""`nano-export` (also `nano export`): the command-line face of export.run."""
 
-import sys
+from __future__ import annotations
+
+import json
+
+import click
+
+from export.settings import QUANTS, ExportSettings, parse_lengths
+from nano.errors import NanoError
+
+_E = ExportSettings()
+
+
+class _OneLineErrors(click.Command):
+    """Standalone (`nano-export`), a NanoError becomes one `Error: ...` line and exit status 1, as under `nano`."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except NanoError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.command("export", cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"],
+                                                               "max_content_width": 110})
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="The artifact: FILE.litertlm (for the LiteRT-LM engine) or FILE.tflite.")
+@click.option("--quant", type=click.Choice(QUANTS), default=None,
+              help="Weight format. Default: a quantized model keeps its own codes (e.g. int4-b32 from `nano "
+                   "quantize`), a float model exports float32. int8/int4 on a float model round to nearest.")
+@click.option("--prefill-lengths", default=",".join(map(str, _E.prefill_lengths)), show_default=True,
+              help="Comma-separated prefill signature lengths (prefill_<N>).")
+@click.option("--max-tokens", default=_E.max_tokens, show_default=True,
+              help="Context the artifact holds (the global layers' KV cache).")
+@click.option("--no-verify", is_flag=True, help="Skip running the artifact against the JAX model.")
+@click.option("--random-init", is_flag=True, help="Export a preset with random weights (sizes with no checkpoint).")
+@click.option("--threads", type=int, default=None, help="CPU threads for verification (default: all).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def export_cmd(model, out, quant, prefill_lengths, max_tokens, no_verify, random_init, threads, force, as_json):
+    """Export MODEL (a model directory, the embedded teacher's name, or with --random-init a preset) to LiteRT.
+
+    \b
+    nano-export gemma3-270m --out teacher.litertlm
+    nano-export runs/q/gptq --out teacher-int4.litertlm            # GPTQ's int4 codes, unchanged
+    nano-export nano-1 --random-init --quant int4-b32 --out n1.tflite --no-verify
+
+    The .tflite holds signatures prefill_<N> and decode with the KV cache in and out; the .litertlm adds the
+    tokenizer and the engine's metadata. Unless --no-verify, the artifact runs on held-out text and must match
+    the JAX model (float32: |Δlogit| ≤ 1e-3; int8/int4/fp16: perplexity within 2%); otherwise nothing is written.
+    """
+    from export.run import export
+
+    settings = ExportSettings(quant=quant, prefill_lengths=parse_lengths(prefill_lengths), max_tokens=max_tokens,
+                              verify=not no_verify, random_init=random_init, threads=threads)
+    result = export(model, out, settings, force=force)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    _print_table(result)
+
+
+def _print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['model']} → {result['out']} ({result['quant']})", show_header=False)
+    table.add_row("size", f"{result['bytes'] / 2**20:,.1f} MiB")
+    table.add_row("signatures", ", ".join(result["signatures"]) + f" (context {result['max_tokens']:,})")
+    if result["int_weights"]:
+        table.add_row("integer weights", f"{result['int_weights']} (read back from the file: all)")
+    v = result["verification"]
+    if v:
+        table.add_row("verified", f"{v['criterion']}: max |Δlogit| {v['max_abs_logit_diff']:.2e}, perplexity "
+                                  f"{v['ppl_artifact']:.4f} vs JAX {v['ppl_jax']:.4f}, top-1 {v['top1_agreement']:.3f} "
+                                  f"({v['decoded']} tokens decoded after {v['prefilled']} prefilled)")
+    else:
+        table.add_row("verified", "no (--no-verify)")
+    table.add_row("time", f"{result['seconds']:.1f} s (conversion {result['convert_seconds']:.1f} s)")
+    table.add_row("peak memory", f"{result['peak_rss_bytes'] / 2**30:.2f} GiB")
+    Console().print(table)
 
 
 def main() -> None:
-    sys.stderr.write("nano-export: not available yet: the LiteRT export stage is not implemented in this version\n")
-    sys.exit(2)
+    export_cmd(prog_name="nano-export")

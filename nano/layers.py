@@ -21,6 +21,29 @@ from nano.quant import QuantizedWeight
 _LINEAR_INPUT_TAP: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("linear_input_tap", default=None)
 
 
+# The LiteRT export wants the embedding as one EMBEDDING_LOOKUP op (which it can quantize) rather than a gather;
+# inside `export_lookups()` the lookup is wrapped in the composite the converter maps to it. Outside it is a plain
+# take, since JAX cannot differentiate through a composite.
+_EXPORT_LOOKUPS: contextvars.ContextVar[bool] = contextvars.ContextVar("export_lookups", default=False)
+
+
+@contextlib.contextmanager
+def export_lookups():
+    token = _EXPORT_LOOKUPS.set(True)
+    try:
+        yield
+    finally:
+        _EXPORT_LOOKUPS.reset(token)
+
+
+def _lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    if not _EXPORT_LOOKUPS.get():
+        return jnp.take(table, tokens, axis=0)
+    ids = tokens.reshape(-1).astype(jnp.int32)
+    rows = jax.lax.composite(lambda i, t: jnp.take(t, i, axis=0), name="odml.embedding_lookup")(ids, table)
+    return rows.reshape(*tokens.shape, table.shape[-1])
+
+
 @contextlib.contextmanager
 def tap_linear_inputs(fn: Callable[["Linear", jax.Array], None]):
     token = _LINEAR_INPUT_TAP.set(fn)
@@ -87,7 +110,7 @@ class Embedder(nnx.Module):
         if isinstance(table, QuantizedWeight):  # dequantize the looked-up rows only
             x = table.take(tokens, dtype)
         else:
-            x = jnp.take(table, tokens, axis=0).astype(dtype)
+            x = _lookup(table, tokens).astype(dtype)
         # Gemma multiplies by sqrt(d_model) rounded to the compute dtype.
         return x * jnp.asarray(table.shape[-1] ** 0.5, dtype)
 

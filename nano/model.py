@@ -23,22 +23,36 @@ _MASKED = -1e30  # a finite "minus infinity": a fully masked row cannot produce 
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer, each [batch, kv_heads, length, head_dim]; slot j holds position j."""
+    """Keys and values of every layer, each [batch, kv_heads, slots, head_dim].
+
+    Each layer's cache is a ring: position p lives in slot p % slots. A global layer's ring is as long as the
+    context (slot p holds position p); a local layer needs only its window, so `zeros` gives it at most that.
+    """
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, length: int, *, dtype=jnp.float32) -> "KVCache":
-        shape = (batch, config.num_kv_heads, length, config.head_dim)
+        def slots(layer_type):
+            return length if layer_type == GLOBAL else min(length, config.sliding_window)
+
         def zeros():  # distinct buffers, so a jitted step may donate (update in place) each of them
-            return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+            return tuple(jnp.zeros((batch, config.num_kv_heads, slots(t), config.head_dim), dtype)
+                         for t in config.layer_types)
 
         return cls(k=zeros(), v=zeros())
 
     @property
     def length(self) -> int:
-        return self.k[0].shape[2]
+        """The context the cache holds: its longest (global) ring."""
+        return max(k.shape[2] for k in self.k)
+
+
+def ring_positions(last: jax.Array, slots: int) -> jax.Array:
+    """The position each ring slot holds once positions ..last have been written: [B] → [B, slots] (< 0: empty)."""
+    j = jnp.arange(slots)
+    return last[:, None] - jnp.mod(last[:, None] - j, slots)
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, window: int | None, causal_by_index: bool,
@@ -59,6 +73,46 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, window: int | None, ca
     if q_seg is not None:
         mask = mask & (q_seg[:, :, None] == k_seg[:, None, :])
     return mask
+
+
+def _cached_keys(kv, k, v, positions):
+    """Write a chunk into a layer's ring cache and say which keys its queries attend over.
+
+    k, v [B, KVH, T, hd] are the chunk's, at positions [B, T] that count up from positions[:, 0]. Rows whose
+    position breaks that count are padding (LiteRT-LM pads a short last prefill chunk with position 0): they are
+    neither attended to nor written. Returns (keys, values, key positions [B, S'], key valid [B, S'], new cache).
+
+    One token (decode) is written first and attends over the ring. A longer chunk attends over the ring as it was
+    plus itself, then writes its last rows: a ring only as long as the window stays exact for any chunk length.
+    """
+    cache_k, cache_v = kv
+    b, t, slots = positions.shape[0], positions.shape[1], cache_k.shape[2]
+    start = positions[:, 0]
+    k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
+    if t == 1:
+        slot = jnp.mod(start, slots)
+        if b == 1:  # a plain dynamic-update-slice (a batched one exports as a scatter)
+            new_k, new_v = (jax.lax.dynamic_update_slice_in_dim(c, x, slot[0], axis=2)
+                            for c, x in ((cache_k, k), (cache_v, v)))
+        else:
+            write = jax.vmap(lambda cache, new, s: jax.lax.dynamic_update_slice_in_dim(cache, new, s, axis=1))
+            new_k, new_v = write(cache_k, k, slot), write(cache_v, v, slot)
+        held = ring_positions(start, slots)
+        return new_k, new_v, held, held >= 0, (new_k, new_v)
+    valid = positions == start[:, None] + jnp.arange(t)
+    held = ring_positions(start - 1, slots)
+    keys, values = jnp.concatenate([cache_k, k], axis=2), jnp.concatenate([cache_v, v], axis=2)
+    key_pos = jnp.concatenate([held, positions], axis=1)
+    key_ok = jnp.concatenate([held >= 0, valid], axis=1)
+    # Slot j now holds the chunk's latest row at a position congruent to j, if the chunk reached one.
+    last = start + jnp.sum(valid, axis=1) - 1
+    wanted = ring_positions(last, slots)
+    rows = jnp.clip(wanted - start[:, None], 0, t - 1)  # [B, S]
+    take = (wanted >= start[:, None])[:, None, :, None]
+    gather = jax.vmap(lambda x, r: jnp.take(x, r, axis=1))  # x [KVH, T, hd], r [S]
+    new_k = jnp.where(take, gather(k, rows), cache_k)
+    new_v = jnp.where(take, gather(v, rows), cache_v)
+    return keys, values, key_pos, key_ok, (new_k, new_v)
 
 
 class Attention(nnx.Module):
@@ -91,12 +145,10 @@ class Attention(nnx.Module):
             keys, values = k, v
             mask = attention_mask(positions, positions, window=self.window, causal_by_index=True,
                                   q_seg=segment_ids, k_seg=segment_ids)
-        else:  # write this chunk at its positions, then attend over every cache slot
-            start = positions[:, 0]
-            write = jax.vmap(lambda cache, new, s: jax.lax.dynamic_update_slice_in_dim(cache, new, s, axis=1))
-            keys, values = write(kv[0], k.astype(kv[0].dtype), start), write(kv[1], v.astype(kv[1].dtype), start)
-            slots = jnp.broadcast_to(jnp.arange(keys.shape[2]), (b, keys.shape[2]))
-            mask = attention_mask(positions, slots, window=self.window, causal_by_index=False)
+        else:
+            keys, values, key_pos, key_ok, new_kv = _cached_keys(kv, k, v, positions)
+            mask = attention_mask(positions, key_pos, window=self.window, causal_by_index=False)
+            mask = mask & key_ok[:, None, :]
 
         # Plain batched matmuls over [B, KVH, G*T, hd]: the query heads sharing a KV head are stacked with time,
         # which exports to batch-matmul without broadcasting the keys (faster than an einsum over groups).
@@ -107,7 +159,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype).reshape(b, kvh, g * t, -1)
         out = jnp.matmul(probs, values.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
         out = out.reshape(b, kvh, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, self.num_heads * hd)
-        return self.o_proj(out), (None if kv is None else (keys, values))
+        return self.o_proj(out), (None if kv is None else new_kv)
 
 
 class MLP(nnx.Module):

@@ -26,7 +26,7 @@ from nano.config import NANO_1, NANO_2, TINY
 from nano.tokenizer import Tokenizer
 
 BIN = Path(sys.executable).parent
-NANO, NANO_EXPORT = BIN / "nano", BIN / "nano-export"
+NANO = BIN / "nano"
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
@@ -263,9 +263,3 @@ def test_bad_input(case, bad_runs):
     if case == "truncated gguf":
         assert not (tmp / "out" / "model").exists()
         assert not (tmp / "out").exists() or not any((tmp / "out").iterdir())
-
-
-def test_nano_export_not_available():
-    proc = run_nano(script=NANO_EXPORT)
-    assert proc.returncode != 0
-    assert "not available yet" in proc.stderr and proc.stdout == ""

@@ -1,0 +1,212 @@
+"""`nano-export` as a library call: load (or randomly initialise) the model, choose its integer codes, convert,
+write the codes, verify against JAX, bundle; the artifact appears under its name only when all of that worked."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from export.settings import ExportSettings, quant_bits
+from nano.errors import NanoError
+from nano.ui import status
+
+TOOLS = ("nano-distill", "jax", "flax", "litert-converter", "ai-edge-litert", "ai-edge-quantizer", "litert-lm-builder")
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in TOOLS:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _load(model_ref: str, settings: ExportSettings):
+    """(model, tokenizer or None, quant.json or None)."""
+    from nano.checkpoint import load_quant_info
+    from nano.model import init_model
+    from nano.models import load_model, resolve_config, resolve_model_dir
+
+    if settings.random_init:
+        config = resolve_config(model_ref)
+        tokenizer = None
+        try:
+            from nano.models import embedded_teacher_dir
+            from nano.tokenizer import Tokenizer
+
+            teacher_tokenizer = Tokenizer.load(embedded_teacher_dir() / "tokenizer.model")
+            if teacher_tokenizer.vocab_size == config.vocab_size:
+                tokenizer = teacher_tokenizer
+        except NanoError:
+            pass
+        return init_model(config, seed=0), tokenizer, None
+    source = resolve_model_dir(model_ref)
+    model, tokenizer = load_model(source)
+    return model, tokenizer, load_quant_info(source)
+
+
+def _integer_weights(model, quant: str, quant_info: dict | None) -> dict:
+    """name → QuantizedWeight for every weight the artifact stores as integers: the model's own codes when it is
+    quantized, round-to-nearest codes when a float model is asked for int8 / int4."""
+    from nano.checkpoint import flat_params
+    from nano.quant import CHANNEL, QuantizedWeight, QuantSpec, quantize_rtn, tensor_specs
+
+    params = flat_params(model)
+    if quant_info is not None:
+        return {n: w for n, w in params.items() if isinstance(w, QuantizedWeight)}
+    bits, block = quant_bits(quant)
+    if bits == 8:
+        specs = {n: QuantSpec(8, CHANNEL, 0) for n in params if n.endswith(".kernel")}
+        specs["embedder.embedding"] = QuantSpec(8, CHANNEL, 1)
+    else:
+        specs = tensor_specs(params, block_size=block, embeddings="int8")
+    for name, spec in specs.items():
+        try:
+            spec.block(params[name].shape)
+        except ValueError as e:
+            raise NanoError(f"cannot quantize {name} for --quant {quant}: {e}") from None
+    return {name: quantize_rtn(params[name], spec) for name, spec in specs.items()}
+
+
+def _float_twin(model, weights: dict):
+    """The model as the artifact computes it, in float32 (each weight in `weights`, and any quantized weight,
+    dequantized): what the converter sees, and the JAX reference the artifact is verified against."""
+    from flax import nnx
+
+    from nano.checkpoint import param_path
+    from nano.quant import QuantizedWeight
+
+    if not weights and not any(isinstance(v.get_value(), QuantizedWeight)
+                               for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))):
+        return model
+    twin = nnx.clone(model)
+    state = nnx.state(twin, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        value = weights.get(param_path(path), var.get_value())
+        if isinstance(value, QuantizedWeight):
+            var.set_value(value.dequantize())
+    nnx.update(twin, state)
+    return twin
+
+
+def _scheme(quant_info: dict | None, settings: ExportSettings) -> str:
+    if quant_info is None:
+        return settings.quant or "float32"
+    own = quant_info.get("scheme", "int4")
+    if settings.quant in (None, own):
+        return own
+    if settings.quant == "float32":
+        return "float32"  # the quantized model's weights, dequantized
+    raise NanoError(f"the model is quantized as {own}; --quant {settings.quant} would requantize its codes. Export it "
+                    f"as {own} (or float32), or export its float source with --quant {settings.quant}")
+
+
+def _check_read_back(path: Path, weights: dict) -> int:
+    """Every weight's codes and scales, found exactly in the written .tflite."""
+    from export.weights import read_back, tflite_layout
+
+    stored = read_back(path)
+    for name, weight in weights.items():
+        codes, scales = tflite_layout(weight)
+        if not any(s["codes"].shape == codes.shape and np.array_equal(s["codes"], codes)
+                   and np.array_equal(np.asarray(s["scales"], np.float32).reshape(-1),
+                                      np.asarray(scales, np.float32).reshape(-1)) for s in stored):
+            raise NanoError(f"export: {name}'s codes and scales are not in the written .tflite")
+    return len(stored)
+
+
+def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: bool = False) -> dict:
+    """Export MODEL to `out` (.tflite or .litertlm). Returns what was done and measured."""
+    from export import bundle
+    from export.convert import convert
+    from export.graph import DECODE, export_signature, prefill_name
+    from export.runtime import LiteRTLM
+    from export.verify import failure_line, heldout_window, verify
+
+    out = Path(out)
+    start = time.perf_counter()
+    settings.check(out)
+    if out.exists() and not force:
+        raise NanoError(f"{out} already exists (pass --force to replace it)")
+    with status(f"loading {model_ref}" + (" (random weights)" if settings.random_init else "")):
+        model, tokenizer, quant_info = _load(model_ref, settings)
+    config = model.config
+    settings.check(out, config.max_seq_len)
+    if out.suffix == ".litertlm" and tokenizer is None:
+        raise NanoError(f"{model_ref} has no tokenizer with its {config.vocab_size}-piece vocabulary; export a .tflite")
+    scheme = _scheme(quant_info, settings)
+    weights = {} if scheme in ("float32", "fp16") else _integer_weights(model, scheme, quant_info)
+    reference = _float_twin(model, weights)
+    del model
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        lengths = [n for n in settings.prefill_lengths if n > 1]
+        float_file = tmp / "float.tflite"
+        with status(f"converting {len(lengths) + 1} signatures ({', '.join(map(prefill_name, lengths))}, {DECODE})"):
+            convert((export_signature(reference, n, settings.max_tokens) for n in [*lengths, 1]), float_file)
+        tflite = tmp / "model.tflite"
+        read_back_count = 0
+        if weights:
+            from export.weights import write_codes
+
+            with status(f"writing {len(weights)} weights' {scheme} codes and scales"):
+                write_codes(float_file, tflite, weights)
+                read_back_count = _check_read_back(tflite, weights)
+        elif scheme == "fp16":
+            from export.weights import write_float16
+
+            with status("storing weights as float16"):
+                write_float16(float_file, tflite)
+        else:
+            float_file.rename(tflite)
+        float_file.unlink(missing_ok=True)
+        convert_seconds = time.perf_counter() - start
+
+        verification = None
+        if settings.verify:
+            if tokenizer is None:
+                raise NanoError("verification needs a tokenizer for held-out text; pass --no-verify")
+            length = min(settings.verify_tokens, settings.max_tokens)
+            with status(f"verifying against JAX on {length} held-out tokens"):
+                runner = LiteRTLM(tflite, threads=settings.threads)
+                verification = verify(runner, reference, heldout_window(tokenizer, length),
+                                      exact=scheme == "float32")
+                del runner
+            if not verification["ok"]:
+                raise NanoError(failure_line(verification))
+
+        final = tflite
+        if out.suffix == ".litertlm":
+            final = tmp / "model.litertlm"
+            with status("bundling the .litertlm (tokenizer, LlmMetadata, executor metadata, provenance)"):
+                bundle.build(tflite, final, tokenizer=tokenizer, config=config, max_tokens=settings.max_tokens,
+                             provenance=_provenance(model_ref, config, scheme, quant_info, settings))
+        final.replace(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"out": str(out), "model": str(model_ref), "quant": scheme, "bytes": out.stat().st_size,
+            "signatures": [*map(prefill_name, lengths), DECODE], "max_tokens": settings.max_tokens,
+            "int_weights": len(weights), "int_weights_read_back": read_back_count,
+            "convert_seconds": round(convert_seconds, 1), "seconds": round(time.perf_counter() - start, 1),
+            "peak_rss_bytes": peak_rss_bytes(), "verification": verification}
+
+
+def _provenance(model_ref, config, scheme, quant_info, settings) -> dict:
+    return {"source": str(model_ref), "config_hash": config.hash, "config": config.to_dict(), "quant": scheme,
+            "quant_method": (quant_info or {}).get("method", "rtn" if scheme.startswith("int") else "none"),
+            "random_init": settings.random_init, "max_tokens": settings.max_tokens,
+            "prefill_lengths": list(settings.prefill_lengths), "versions": _versions()}

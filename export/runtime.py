@@ -1,0 +1,76 @@
+"""Run an exported .tflite the way the LiteRT-LM engine does, from Python: ai-edge-litert's CompiledModel on the
+CPU (XNNPACK), one set of KV-cache buffers bound as both input and output of every signature (updated in place,
+never copied), prompts split into prefill chunks with a padded last chunk (padding at position 0, as the engine
+pads). The export verifies artifacts with it; `nano bench` times them with it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from export.graph import DECODE, INPUT_POS, K_CACHE, LOGITS, TOKENS, V_CACHE
+
+
+class LiteRTLM:
+    def __init__(self, path: str | Path, *, threads: int | None = None):
+        from ai_edge_litert.compiled_model import CompiledModel
+        from ai_edge_litert.hardware_accelerator import HardwareAccelerator
+        from ai_edge_litert.options import CpuOptions, Options
+
+        options = Options(hardware_accelerators=HardwareAccelerator.CPU,
+                          cpu_options=CpuOptions(num_threads=threads or os.cpu_count() or 1))
+        self.model = CompiledModel.from_file(str(path), options=options)
+        signatures = self.model.get_signature_list()
+        if DECODE not in signatures:
+            raise ValueError(f"{path} has no '{DECODE}' signature (it has {sorted(signatures)})")
+        self.prefill_lengths = sorted(int(n.split("_", 1)[1]) for n in signatures if n.startswith("prefill_"))
+        inputs = self.model.get_input_tensor_details(DECODE)
+        self.cache_shapes = {n: tuple(d["shape"]) for n, d in inputs.items() if n.startswith((K_CACHE, V_CACHE))}
+        self.max_tokens = max(s[2] for s in self.cache_shapes.values())
+        self.vocab_size = self.model.get_output_tensor_details(DECODE)[LOGITS]["shape"][-1]
+        self.cache = {n: self.model.create_input_buffer_by_name(DECODE, n) for n in self.cache_shapes}
+        for name, buffer in self.cache.items():  # masked slots are multiplied by 0: they must not hold NaN
+            buffer.write(np.zeros(self.cache_shapes[name], np.float32))
+        self._io = {sig: {TOKENS: self.model.create_input_buffer_by_name(sig, TOKENS),
+                          INPUT_POS: self.model.create_input_buffer_by_name(sig, INPUT_POS)} for sig in signatures}
+        self._logits = self.model.create_output_buffer_by_name(DECODE, LOGITS)
+
+    def _run(self, signature: str, tokens: np.ndarray, positions: np.ndarray, outputs: dict) -> None:
+        io = self._io[signature]
+        io[TOKENS].write(np.asarray(tokens, np.int32).reshape(1, -1))
+        io[INPUT_POS].write(np.asarray(positions, np.int32))
+        self.model.run_by_name(signature, {**io, **self.cache}, {**outputs, **self.cache})
+
+    def prefill(self, tokens, start: int = 0) -> None:
+        """Write `tokens` at positions start.. into the cache: the longest prefill signatures that fit, and the
+        shortest one padded for the rest."""
+        tokens = list(tokens)
+        if not self.prefill_lengths:
+            for i, token in enumerate(tokens):
+                self.decode(token, start + i)
+            return
+        while tokens:
+            fits = [n for n in self.prefill_lengths if n <= len(tokens)]
+            n = fits[-1] if fits else self.prefill_lengths[0]
+            chunk, tokens = tokens[:n], tokens[n:]
+            ids, pos = np.zeros(n, np.int32), np.zeros(n, np.int32)
+            ids[:len(chunk)], pos[:len(chunk)] = chunk, np.arange(start, start + len(chunk))
+            self._run(f"prefill_{n}", ids, pos, {})
+            start += len(chunk)
+
+    def decode(self, token: int, position: int) -> np.ndarray:
+        """Feed one token at `position`; the next token's logits [vocab] (float32)."""
+        self._run(DECODE, np.array([token]), np.array([position]), {LOGITS: self._logits})
+        return self._logits.read(self.vocab_size, np.float32)
+
+    def greedy(self, prompt: list[int], steps: int) -> list[int]:
+        """The engine's greedy loop: prefill all but the prompt's last token, then decode from it."""
+        self.prefill(prompt[:-1])
+        token, out = prompt[-1], []
+        for i in range(steps):
+            token = int(np.argmax(self.decode(token, len(prompt) - 1 + i)))
+            out.append(token)
+        return out

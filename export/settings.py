@@ -1,0 +1,58 @@
+"""The settings of one export (`nano-export`'s options), free of JAX imports so the command line starts fast."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from nano.errors import NanoError
+
+QUANTS = ("float32", "fp16", "int8", "int4-b32", "int4-b128")
+SUFFIXES = (".litertlm", ".tflite")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+    quant: str | None = None  # None: a quantized model keeps its own scheme, a float one exports float32
+    prefill_lengths: tuple[int, ...] = (128, 512)
+    max_tokens: int = 4096  # the context the artifact holds: the global layers' KV cache length
+    verify: bool = True
+    random_init: bool = False
+    verify_tokens: int = 512  # held-out tokens run through the artifact for the int perplexity check
+    threads: int | None = None  # for verification; None: every core
+
+    def check(self, out: str | Path, max_seq_len: int | None = None) -> None:
+        if Path(out).suffix not in SUFFIXES:
+            raise NanoError(f"--out must end in {' or '.join(SUFFIXES)}, got {str(out)!r}")
+        if self.quant is not None and self.quant not in QUANTS:
+            raise NanoError(f"--quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
+        if self.max_tokens < 2:
+            raise NanoError(f"--max-tokens must be at least 2, got {self.max_tokens}")
+        if max_seq_len is not None and self.max_tokens > max_seq_len:
+            raise NanoError(f"--max-tokens {self.max_tokens} exceeds the model's context of {max_seq_len}")
+        if not self.prefill_lengths:
+            raise NanoError("--prefill-lengths needs at least one length")
+        for n in self.prefill_lengths:
+            if n < 1:
+                raise NanoError(f"prefill lengths must be positive, got {n}")
+            if n > self.max_tokens:
+                raise NanoError(f"prefill length {n} exceeds --max-tokens {self.max_tokens}")
+        if self.verify_tokens < 2:
+            raise NanoError(f"verification needs at least 2 tokens, got {self.verify_tokens}")
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    try:
+        lengths = tuple(sorted({int(x) for x in str(text).split(",") if x.strip()}))
+    except ValueError:
+        raise NanoError(f"--prefill-lengths takes comma-separated token counts such as 128,512, got {text!r}") from None
+    return lengths
+
+
+def quant_bits(quant: str) -> tuple[int, int] | None:
+    """(bits, block size) of an integer scheme ('int4-b32' → (4, 32), 'int8' → (8, 0)); None for float ones."""
+    if quant == "int8":
+        return 8, 0
+    if quant.startswith("int4-b"):
+        return 4, int(quant[len("int4-b"):])
+    return None

@@ -1,0 +1,63 @@
+"""Does the artifact compute what the JAX model computes? One held-out window ([BOS] + text), its first half
+written through the prefill signatures (padded last chunk included), its second half decoded token by token; the
+decode logits are compared with the JAX model's on the same window.
+
+- float32: max |Δlogit| ≤ 1e-3.
+- fp16 / int8 / int4: perplexity over the decoded half within 2% of the JAX model's (the artifact quantizes
+  activations to int8 at run time, which JAX does not, so logits differ a little everywhere).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT_TOLERANCE = 1e-3
+PPL_TOLERANCE = 0.02
+
+
+def heldout_window(tokenizer, length: int) -> np.ndarray:
+    """[BOS] + the held-out split's first `length - 1` tokens."""
+    from nano.corpus import corpus_text
+
+    ids = tokenizer.encode(corpus_text("heldout", max_chars=16 * length))[:length - 1]
+    return np.array([tokenizer.bos_id, *ids], np.int32)
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    logz = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
+    return logz - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+
+
+def verify(runner, model, window: np.ndarray, *, exact: bool) -> dict:
+    """Compare `runner` (export.runtime.LiteRTLM) with the JAX `model` on `window`; the result carries `ok`."""
+    import jax.numpy as jnp
+
+    expected, _ = model(jnp.asarray(window[None]))
+    expected = np.asarray(expected[0], np.float32)  # [L, vocab]: logits predicting window[1:]
+    half = len(window) // 2
+    runner.prefill(window[:half])
+    got = np.stack([runner.decode(int(window[p]), p) for p in range(half, len(window) - 1)])
+    want = expected[half:len(window) - 1]
+    targets = window[half + 1:]
+    ppl_artifact, ppl_jax = float(np.exp(_nll(got, targets).mean())), float(np.exp(_nll(want, targets).mean()))
+    result = {"tokens": len(window), "prefilled": half, "decoded": len(targets),
+              "max_abs_logit_diff": float(np.abs(got - want).max()),
+              "ppl_artifact": ppl_artifact, "ppl_jax": ppl_jax, "ppl_ratio": ppl_artifact / ppl_jax,
+              "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1)))}
+    if exact:
+        result["criterion"] = f"max |Δlogit| ≤ {FLOAT_TOLERANCE}"
+        result["ok"] = result["max_abs_logit_diff"] <= FLOAT_TOLERANCE
+    else:
+        result["criterion"] = f"perplexity within {PPL_TOLERANCE:.0%}"
+        result["ok"] = abs(result["ppl_ratio"] - 1) <= PPL_TOLERANCE
+    return result
+
+
+def failure_line(result: dict) -> str:
+    if result["criterion"].startswith("max"):
+        return (f"verification failed: max |Δlogit| {result['max_abs_logit_diff']:.2e} against the JAX model "
+                f"exceeds {FLOAT_TOLERANCE:g}")
+    return (f"verification failed: perplexity through the artifact {result['ppl_artifact']:.4f} vs JAX "
+            f"{result['ppl_jax']:.4f} ({100 * (result['ppl_ratio'] - 1):+.2f}%, limit ±{100 * PPL_TOLERANCE:g}%)")

@@ -1,0 +1,204 @@
+"""`nano-export`: the real LiteRT converter, runtime and LiteRT-LM engine on the `tiny` preset (window 8, so a
+64-slot context crosses the sliding window many times)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from checks import assert_refused_cleanly
+from export import bundle
+from export.graph import cache_names
+from export.run import export
+from export.runtime import LiteRTLM
+from export.settings import ExportSettings
+from export.weights import read_back, tflite_layout
+from nano.checkpoint import flat_params, load_model_dir, save_model
+from nano.config import TINY
+from nano.model import KVCache
+from nano.quant import QuantizedWeight
+from nano.sampling import Generator, SamplingConfig
+from quantize.pipeline import quantize_model
+from quantize.settings import QuantizeSettings
+
+CONTEXT = 64
+SMALL = dict(prefill_lengths=(4, 16), max_tokens=CONTEXT)
+NANO_EXPORT = Path(sys.executable).parent / "nano-export"
+
+
+@pytest.fixture(scope="module")
+def float_export(tiny_model_dir, tmp_path_factory):
+    """The tiny model as float32 .litertlm and .tflite (both verified by the export itself)."""
+    out = tmp_path_factory.mktemp("export")
+    bundled = export(str(tiny_model_dir), out / "tiny.litertlm", ExportSettings(**SMALL))
+    plain = export(str(tiny_model_dir), out / "tiny.tflite", ExportSettings(**SMALL))
+    return bundled, plain
+
+
+@pytest.fixture(scope="module")
+def gptq_dir(tiny_model, tiny_tokenizer, tmp_path_factory):
+    calibration = tmp_path_factory.mktemp("calib") / "text.txt"
+    from hf_tiny import training_text
+
+    calibration.write_text("\n".join(training_text()))
+    settings = QuantizeSettings(method="gptq", block_size=32, calibration=str(calibration), samples=8, seq_len=32)
+    qmodel, info = quantize_model(tiny_model, tiny_tokenizer, settings)
+    return save_model(qmodel, tiny_tokenizer, tmp_path_factory.mktemp("gptq") / "model", quant_info=info)
+
+
+def _window(tokenizer, n):
+    from export.verify import heldout_window
+
+    return heldout_window(tokenizer, n)
+
+
+def test_float32_export_matches_jax_through_every_signature(float_export, tiny_model, tiny_tokenizer):
+    _, plain = float_export
+    assert plain["verification"]["ok"] and plain["verification"]["max_abs_logit_diff"] <= 1e-3
+    runner = LiteRTLM(plain["out"], threads=2)
+    assert runner.prefill_lengths == [4, 16]
+    window = _window(tiny_tokenizer, CONTEXT)
+    expected = np.asarray(tiny_model(jnp.asarray(window[None]))[0][0])
+    # Prefill 16 + 4 + a padded 4 (23 tokens), then decode past the window to the end of the context.
+    runner.prefill(window[:23])
+    got = np.stack([runner.decode(int(window[p]), p) for p in range(23, CONTEXT - 1)])
+    assert np.abs(got - expected[23:CONTEXT - 1]).max() <= 1e-3
+    # Each prefill length alone, from a fresh start (positions restart: no stale slot may be seen).
+    for n in (4, 16):
+        runner.prefill(window[:n])
+        assert np.abs(runner.decode(int(window[n]), n) - expected[n]).max() <= 1e-3
+
+
+def test_cache_layout_is_the_models_ring(float_export, tiny_model, tiny_tokenizer):
+    """What the artifact's prefill writes into each kv_cache_* buffer equals the JAX model's KVCache after the same
+    tokens: global layers [1, kv_heads, context, head_dim], local layers a ring of window slots (position p in
+    slot p % window), K and V alike."""
+    _, plain = float_export
+    runner = LiteRTLM(plain["out"], threads=2)
+    shapes = runner.cache_shapes
+    assert list(shapes) == cache_names(TINY)
+    for i, layer_type in enumerate(TINY.layer_types):
+        slots = CONTEXT if layer_type == "global" else TINY.sliding_window
+        assert shapes[f"kv_cache_k_{i}"] == shapes[f"kv_cache_v_{i}"] == (1, TINY.num_kv_heads, slots, TINY.head_dim)
+    window = _window(tiny_tokenizer, 21)
+    runner.prefill(window)  # 16 + a padded 16 (5 real rows): the padding must not land in the ring
+    positions = jnp.arange(21)[None]
+    _, cache = tiny_model(jnp.asarray(window[None]), positions, cache=KVCache.zeros(TINY, 1, CONTEXT))
+    for i in range(TINY.num_layers):
+        for name, want in ((f"kv_cache_k_{i}", cache.k[i]), (f"kv_cache_v_{i}", cache.v[i])):
+            shape = shapes[name]
+            got = runner.cache[name].read(int(np.prod(shape)), np.float32).reshape(shape)
+            np.testing.assert_allclose(got, np.asarray(want), atol=1e-4)
+
+
+def test_engine_greedy_equals_jax_greedy(float_export, tiny_model, tiny_tokenizer, tmp_path):
+    """The LiteRT-LM engine loads the .litertlm and its greedy text is JAX's greedy tokens, 32 steps past a
+    prompt longer than the window. The engine takes and returns text only, so JAX's ids are detokenized by the
+    engine's own tokenizer."""
+    import litert_lm
+
+    bundled, _ = float_export
+    prompt = "def fibonacci(n):\n    return"
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    with litert_lm.Engine(bundled["out"], backend=litert_lm.Backend.CPU(thread_count=2),
+                          cache_dir=str(tmp_path)) as engine:
+        ids = [tiny_tokenizer.bos_id, *tiny_tokenizer.encode(prompt)]
+        assert engine.tokenize(prompt) == ids[1:] and engine.bos_token_id == tiny_tokenizer.bos_id
+        session = engine.create_session(apply_prompt_template=False, max_output_tokens=32,
+                                        sampler_config=litert_lm.SamplerConfig(top_k=1))
+        session.run_prefill([prompt])
+        text = session.run_decode().texts[0]
+        want = Generator(tiny_model, SamplingConfig(temperature=0.0)).generate(
+            ids, max_new_tokens=32, stop_ids=tuple(tiny_tokenizer.stop_ids))
+        assert len(ids) > TINY.sliding_window and len(want) == 32 and len(set(want)) > 1
+        assert text == engine.detokenize(want)
+    # The Python runner reproduces the engine's loop in token ids.
+    assert LiteRTLM(float_export[1]["out"], threads=2).greedy(ids, 32) == want
+
+
+def test_bundle_carries_metadata_and_provenance(float_export, tiny_model):
+    import litert_lm
+
+    bundled, _ = float_export
+    info = litert_lm.ModelInfo(bundled["out"])
+    assert info.is_llm_model
+    provenance = bundle.read_provenance(Path(bundled["out"]))
+    assert provenance["config_hash"] == TINY.hash and provenance["quant"] == "float32"
+    assert provenance["max_tokens"] == CONTEXT and provenance["versions"]["litert-converter"]
+
+
+def test_int4_codes_reach_the_file_unchanged(gptq_dir, float_export, tmp_path):
+    """A GPTQ model's own codes and scales are in the .tflite (read back from the flatbuffer), one tensor per
+    weight (the tied embedding shared by lookup and head), and the artifact's perplexity is within 2% of JAX's."""
+    result = export(str(gptq_dir), tmp_path / "gptq.tflite", ExportSettings(**SMALL))
+    assert result["quant"] == "int4-b32" and result["verification"]["ok"]
+    assert abs(result["verification"]["ppl_ratio"] - 1) <= 0.02
+    model, _ = load_model_dir(gptq_dir)
+    weights = {n: w for n, w in flat_params(model).items() if isinstance(w, QuantizedWeight)}
+    stored = read_back(tmp_path / "gptq.tflite")
+    assert len(stored) == len(weights) == result["int_weights_read_back"]
+    for name, weight in weights.items():
+        codes, scales = tflite_layout(weight)
+        match = [s for s in stored if s["codes"].shape == codes.shape and np.array_equal(s["codes"], codes)]
+        assert len(match) >= 1, name
+        assert match[0]["block_size"] == weight.spec.block_size
+        np.testing.assert_array_equal(np.asarray(match[0]["scales"], np.float32).reshape(-1),
+                                      np.asarray(scales, np.float32).reshape(-1))
+    # 4.5 bits per projection weight and 8 per embedding weight, against float32's 32.
+    assert result["bytes"] < 0.4 * float_export[1]["bytes"]
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4-b32", "fp16"])
+def test_float_model_quantized_on_the_way(tiny_model_dir, tmp_path, quant):
+    result = export(str(tiny_model_dir), tmp_path / f"{quant}.tflite", ExportSettings(quant=quant, **SMALL))
+    assert result["verification"]["ok"] and result["quant"] == quant
+    n_int = 0 if quant == "fp16" else 4 * 7 + 1
+    assert result["int_weights"] == result["int_weights_read_back"] == n_int
+
+
+@pytest.mark.parametrize("case, settings, message", [
+    ("unknown quant", dict(quant="int3"), "--quant must be one of"),
+    ("prefill above context", dict(prefill_lengths=(128,), max_tokens=64), "prefill length 128 exceeds --max-tokens"),
+    ("context above the model's", dict(max_tokens=1024), "exceeds the model's context of 256"),
+])
+def test_bad_settings_are_refused_cleanly(tiny_model_dir, tmp_path, case, settings, message):
+    out = tmp_path / "out" / "m.litertlm"
+    assert_refused_cleanly(lambda: export(str(tiny_model_dir), out, ExportSettings(**settings)), out, message)
+
+
+def test_not_a_model_and_requantizing_are_refused(tmp_path, gptq_dir):
+    out = tmp_path / "out" / "m.tflite"
+    (tmp_path / "empty").mkdir()
+    assert_refused_cleanly(lambda: export(str(tmp_path / "empty"), out, ExportSettings(**SMALL)), out,
+                           "not a model directory")
+    assert_refused_cleanly(lambda: export(str(gptq_dir), out, ExportSettings(quant="int8", **SMALL)), out,
+                           "would requantize its codes")
+
+
+def test_failed_verification_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    from export import verify
+
+    monkeypatch.setattr(verify, "FLOAT_TOLERANCE", 0.0)  # no artifact is bit-exact: verification must fail
+    out = tmp_path / "out" / "m.litertlm"
+    assert_refused_cleanly(lambda: export(str(tiny_model_dir), out, ExportSettings(**SMALL)), out,
+                           r"verification failed: max \|Δlogit\| .* exceeds 0")
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_model_dir):
+    out = tmp_path / "m.litertlm"
+    for args, message in [(["--quant", "int3"], "Invalid value for '--quant'"),
+                          (["--prefill-lengths", "128", "--max-tokens", "64"], "exceeds --max-tokens"),
+                          (["--out", str(tmp_path / "m.onnx")], "--out must end in")]:
+        argv = [str(NANO_EXPORT), str(tiny_model_dir), "--out", str(out), *args]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+        assert proc.stdout == "" and not out.exists() and not (tmp_path / "m.onnx").exists()
+    proc = subprocess.run([str(NANO_EXPORT), str(tmp_path / "nowhere"), "--out", str(out)], capture_output=True,
+                          text=True, timeout=120)
+    error_lines = [l for l in proc.stderr.splitlines() if l.startswith("Error:")]
+    assert proc.returncode == 1 and len(error_lines) == 1 and "neither a model directory" in error_lines[0]
