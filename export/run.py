@@ -3,6 +3,7 @@ write the codes, verify against JAX, bundle; the artifact appears under its name
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import resource
 import shutil
@@ -31,6 +32,18 @@ def _versions() -> dict[str, str]:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class _Phases(dict):
+    """Each phase's seconds and the process's peak RSS when it ended (the peak only grows, so where it jumps is
+    the phase that needed the memory)."""
+
+    @contextlib.contextmanager
+    def __call__(self, key: str, message: str):
+        start = time.perf_counter()
+        with status(message):
+            yield
+        self[key] = {"seconds": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak_rss_bytes()}
 
 
 def _load(model_ref: str, settings: ExportSettings):
@@ -140,7 +153,8 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
     settings.check(out)
     if out.exists() and not force:
         raise NanoError(f"{out} already exists (pass --force to replace it)")
-    with status(f"loading {model_ref}" + (" (random weights)" if settings.random_init else "")):
+    phase = _Phases()
+    with phase("load", f"loading {model_ref}" + (" (random weights)" if settings.random_init else "")):
         model, tokenizer, quant_info = _load(model_ref, settings)
     config = model.config
     settings.check(out, config.max_seq_len)
@@ -148,28 +162,37 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
         raise NanoError(f"{model_ref} has no tokenizer with its {config.vocab_size}-piece vocabulary; export a .tflite")
     scheme = _scheme(quant_info, settings)
     weights = {} if scheme in ("float32", "fp16") else _integer_weights(model, scheme, quant_info)
-    reference = _float_twin(model, weights)
     del model
+    lengths = [n for n in settings.prefill_lengths if n > 1]  # length 1 is decode itself
+
+    def reference():
+        """The model as the artifact computes it. Built when needed and dropped after, rather than held: the
+        conversion's peak memory then holds no JAX copy of the weights beside the converter's own."""
+        return _float_twin(_load(model_ref, settings)[0], weights)
+
+    def lowered_signatures():
+        model = reference()
+        for n in [*lengths, 1]:
+            yield export_signature(model, n, settings.max_tokens)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        lengths = [n for n in settings.prefill_lengths if n > 1]
         float_file = tmp / "float.tflite"
-        with status(f"converting {len(lengths) + 1} signatures ({', '.join(map(prefill_name, lengths))}, {DECODE})"):
-            convert((export_signature(reference, n, settings.max_tokens) for n in [*lengths, 1]), float_file)
+        with phase("convert", f"converting {len(lengths) + 1} signatures ({', '.join(map(prefill_name, lengths))}, {DECODE})"):
+            convert(lowered_signatures(), float_file)
         tflite = tmp / "model.tflite"
         read_back_count = 0
         if weights:
             from export.weights import write_codes
 
-            with status(f"writing {len(weights)} weights' {scheme} codes and scales"):
+            with phase("codes", f"writing {len(weights)} weights' {scheme} codes and scales"):
                 write_codes(float_file, tflite, weights)
                 read_back_count = _check_read_back(tflite, weights)
         elif scheme == "fp16":
             from export.weights import write_float16
 
-            with status("storing weights as float16"):
+            with phase("codes", "storing weights as float16"):
                 write_float16(float_file, tflite)
         else:
             float_file.rename(tflite)
@@ -181,9 +204,9 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
             if tokenizer is None:
                 raise NanoError("verification needs a tokenizer for held-out text; pass --no-verify")
             length = min(settings.verify_tokens, settings.max_tokens)
-            with status(f"verifying against JAX on {length} held-out tokens"):
+            with phase("verify", f"verifying against JAX on {length} held-out tokens"):
                 runner = LiteRTLM(tflite, threads=settings.threads)
-                verification = verify(runner, reference, heldout_window(tokenizer, length),
+                verification = verify(runner, reference(), heldout_window(tokenizer, length),
                                       exact=scheme == "float32")
                 del runner
             if not verification["ok"]:
@@ -192,7 +215,7 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
         final = tflite
         if out.suffix == ".litertlm":
             final = tmp / "model.litertlm"
-            with status("bundling the .litertlm (tokenizer, LlmMetadata, executor metadata, provenance)"):
+            with phase("bundle", "bundling the .litertlm (tokenizer, LlmMetadata, executor metadata, provenance)"):
                 bundle.build(tflite, final, tokenizer=tokenizer, config=config, max_tokens=settings.max_tokens,
                              provenance=_provenance(model_ref, config, scheme, quant_info, settings))
         final.replace(out)
@@ -202,7 +225,7 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
             "signatures": [*map(prefill_name, lengths), DECODE], "max_tokens": settings.max_tokens,
             "int_weights": len(weights), "int_weights_read_back": read_back_count,
             "convert_seconds": round(convert_seconds, 1), "seconds": round(time.perf_counter() - start, 1),
-            "peak_rss_bytes": peak_rss_bytes(), "verification": verification}
+            "peak_rss_bytes": peak_rss_bytes(), "phases": phase, "verification": verification}
 
 
 def _provenance(model_ref, config, scheme, quant_info, settings) -> dict:
