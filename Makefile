@@ -15,7 +15,7 @@ DISTILL_DATA = --teacher gemma3-270m --data stdlib --steps $(DISTILL_STEPS) --ba
   --teacher-dtype bfloat16
 DISTILL_RUN = --student nano-micro --eval-every 10 --eval-batches 2 $(foreach f,$(OUTSIDE_TEXT),--eval-text $(f))
 
-.PHONY: install test test-slow demo distill quantize clean
+.PHONY: install test test-slow demo distill quantize export clean
 
 install: $(STAMP)
 
@@ -53,6 +53,13 @@ quantize: install
 	$(foreach r,$(QUANT_RUNS),$(BIN)/nano quantize gemma3-270m --method $(firstword $(subst -b, ,$(r))) \
 	  --block-size $(lastword $(subst -b, ,$(r))) --out $(QUANT_DIR)/$(r) --force &&) true
 	$(BIN)/python -m quantize.compare $(addprefix $(QUANT_DIR)/,$(QUANT_RUNS)) --out $(QUANT_DIR)
+
+# The embedded teacher as LiteRT-LM bundles: float32, and GPTQ int4-b32 (its own codes), each verified against JAX.
+EXPORT_DIR ?= runs/export
+export: install
+	$(BIN)/nano-export gemma3-270m --out $(EXPORT_DIR)/teacher-float32.litertlm --force
+	$(BIN)/nano quantize gemma3-270m --method gptq --block-size 32 --no-eval --out $(EXPORT_DIR)/gptq-b32 --force
+	$(BIN)/nano-export $(EXPORT_DIR)/gptq-b32 --out $(EXPORT_DIR)/teacher-int4-b32.litertlm --force
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

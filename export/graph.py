@@ -7,6 +7,10 @@ Every cache is [1, kv_heads, slots, head_dim] float32 and comes back whole under
 updates it in place). A global layer has `max_tokens` slots; a local (sliding-window) layer has a ring of
 `sliding_window` slots, since it never looks further back. Prefill returns no logits: the engine feeds the prompt's
 last token through decode, so a prefill never needs the vocabulary-sized head.
+
+The weights are exported as leading arguments, not captured as constants: JAX then never serializes them (its
+StableHLO is a few MB whatever the model's size), and export.convert binds each argument to its weight as an
+MLIR constant, one tensor at a time. The model exported here may be abstract (shapes only).
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ import jax
 import jax.numpy as jnp
 from jax import export as jax_export
 
+from flax import nnx
+
 from nano.config import ModelConfig
 from nano.layers import export_lookups
 from nano.model import Decoder, KVCache
+from nano.quant import QuantizedWeight
 
 TOKENS, INPUT_POS, LOGITS = "tokens", "input_pos", "logits"
 K_CACHE, V_CACHE = "kv_cache_k_", "kv_cache_v_"
@@ -46,35 +53,51 @@ class Signature:
     exported: jax_export.Exported
     inputs: list[str]
     outputs: list[str]
+    weights: list[int]  # the leading arguments the program kept, as indices into `weight_leaves`
+
+
+def weight_leaves(model: Decoder) -> list[tuple[str, object]]:
+    """(name, value) of the model's parameters in the order the exported programs take them. A quantized weight
+    is one leaf: the program takes it dequantized, float32."""
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    return [(".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)), leaf) for path, leaf in flat]
 
 
 def _signature_fn(model: Decoder, *, logits: bool):
     n = model.config.num_layers
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    treedef = jax.tree_util.tree_structure(params)
 
-    def fn(tokens, input_pos, *caches):
+    def fn(weights, tokens, input_pos, *caches):
+        net = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, weights), rest)
         cache = KVCache(k=tuple(caches[:n]), v=tuple(caches[n:]))
-        hidden, cache = model(tokens, input_pos[None], cache=cache, return_hidden=True)
+        hidden, cache = net(tokens, input_pos[None], cache=cache, return_hidden=True)
         out = dict(zip(cache_names(model.config), (*cache.k, *cache.v)))
         if logits:
-            out[LOGITS] = model.head(hidden)
+            out[LOGITS] = net.head(hidden)
         return out
 
     return fn
 
 
 def export_signature(model: Decoder, length: int, max_tokens: int) -> Signature:
-    """One signature as StableHLO: `decode` for length 1 (with logits), `prefill_<length>` otherwise. The model's
-    weights become the program's constants."""
+    """One signature as StableHLO: `decode` for length 1 (with logits), `prefill_<length>` otherwise."""
     config = model.config
     name = DECODE if length == 1 else prefill_name(length)
     shapes = cache_shapes(config, max_tokens)
+    weights = [jax.ShapeDtypeStruct(w.shape, jnp.float32) for _, w in weight_leaves(model)]
     args = [jax.ShapeDtypeStruct((1, length), jnp.int32), jax.ShapeDtypeStruct((length,), jnp.int32)]
     args += [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes.values()]
     with export_lookups():
-        exported = jax_export.export(jax.jit(_signature_fn(model, logits=name == DECODE)))(*args)
+        exported = jax_export.export(jax.jit(_signature_fn(model, logits=name == DECODE)))(weights, *args)
+    # JAX drops arguments a program does not use (a prefill never reaches the last layer's MLP or the head).
+    kept = [i for i in exported.module_kept_var_idx if i < len(weights)]
+    if len(exported.module_kept_var_idx) - len(kept) != len(args):
+        raise RuntimeError(f"{name}: the exported program dropped a token or cache input")
     # A dict's outputs come out in its pytree order (sorted keys); name them in that order.
     names = jax.tree_util.tree_unflatten(exported.out_tree, range(exported.out_tree.num_leaves))
     outputs = [None] * exported.out_tree.num_leaves
     for key, index in names.items():
         outputs[index] = key
-    return Signature(name, exported, [TOKENS, INPUT_POS, *shapes], outputs)
+    return Signature(name, exported, [TOKENS, INPUT_POS, *shapes], outputs, kept)

@@ -144,9 +144,12 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
     """Export MODEL to `out` (.tflite or .litertlm). Returns what was done and measured."""
     from export import bundle
     from export.convert import convert
-    from export.graph import DECODE, export_signature, prefill_name
+    from export.graph import DECODE, export_signature, prefill_name, weight_leaves
     from export.runtime import LiteRTLM
     from export.verify import failure_line, heldout_window, verify
+    from export.weights import dequantized
+    from nano.model import abstract_model
+    from nano.quant import QuantizedWeight
 
     out = Path(out)
     start = time.perf_counter()
@@ -170,8 +173,8 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
         conversion's peak memory then holds no JAX copy of the weights beside the converter's own."""
         return _float_twin(_load(model_ref, settings)[0], weights)
 
-    def lowered_signatures():
-        model = reference()
+    def lowered_signatures():  # programs over abstract weights: shapes only, nothing allocated
+        model = abstract_model(config)
         for n in [*lengths, 1]:
             yield export_signature(model, n, settings.max_tokens)
 
@@ -180,7 +183,15 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
     try:
         float_file = tmp / "float.tflite"
         with phase("convert", f"converting {len(lengths) + 1} signatures ({', '.join(map(prefill_name, lengths))}, {DECODE})"):
-            convert(lowered_signatures(), float_file)
+            source = weight_leaves(_load(model_ref, settings)[0])
+
+            def weight(i):  # float32, as the artifact computes with it: our int codes dequantized
+                name, value = source[i]
+                value = weights.get(name, value)
+                return dequantized(value) if isinstance(value, QuantizedWeight) else np.asarray(value, np.float32)
+
+            convert(lowered_signatures(), weight, float_file)
+            del source
         tflite = tmp / "model.tflite"
         read_back_count = 0
         if weights:

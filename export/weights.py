@@ -35,9 +35,20 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array, np.float32).tobytes()).hexdigest()
 
 
+def dequantized(weight: QuantizedWeight) -> np.ndarray:
+    """codes × scales in float32, the same numbers as `QuantizedWeight.dequantize` (one float32 product each), made
+    in place in one array: the embedding alone is 671 MB as float32, and JAX's version holds several such."""
+    codes, scales, axis = np.asarray(weight.codes), np.asarray(weight.scales, np.float32), weight.spec.axis
+    out = codes.astype(np.float32)
+    block = codes.shape[axis] // scales.shape[axis]
+    blocked = out.reshape(*codes.shape[:axis], scales.shape[axis], block, *codes.shape[axis + 1:])
+    blocked *= np.expand_dims(scales, axis + 1)
+    return out
+
+
 def float_digest(weight: QuantizedWeight) -> str:
     """The content key of the float weight the converter sees (dequantized, in TFLite's layout)."""
-    w = np.asarray(weight.dequantize())
+    w = dequantized(weight)
     return _digest(w.T if weight.spec.axis == 0 else w)
 
 

@@ -202,3 +202,15 @@ def test_cli_errors_are_one_line(tmp_path, tiny_model_dir):
                           text=True, timeout=120)
     error_lines = [l for l in proc.stderr.splitlines() if l.startswith("Error:")]
     assert proc.returncode == 1 and len(error_lines) == 1 and "neither a model directory" in error_lines[0]
+
+
+@pytest.mark.parametrize("bits, block, axis", [(4, 32, 0), (4, 32, 1), (4, 0, 0), (8, 0, 0), (8, 0, 1)])
+def test_numpy_dequantization_is_the_models(bits, block, axis):
+    """The export dequantizes in numpy (in place, for memory); the weight the converter sees must be bit-identical
+    to the one the JAX model computes with, or the codes could not be matched to it."""
+    from export.weights import dequantized
+    from nano.quant import QuantSpec, quantize_rtn
+
+    w = jnp.asarray(np.random.default_rng(bits + block + axis).normal(size=(64, 96)), jnp.float32)
+    q = quantize_rtn(w, QuantSpec(bits, block, axis))
+    np.testing.assert_array_equal(dequantized(q), np.asarray(q.dequantize()))
