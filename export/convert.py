@@ -11,6 +11,7 @@ MLIR uniques identical constants within a context, so every signature shares one
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -55,6 +56,8 @@ def convert(signatures: Iterable[Signature], weight: Callable[[int], np.ndarray]
             _bind_weights(module, sig, weight)
             converter.set_signature(module.operation, sig.name, sig.inputs, sig.outputs)
             modules.append(module)
+        del weight  # every weight is a constant now: let the model behind `weight` go before the passes
+        gc.collect()
         merged = converter.merge_modules(modules)
         del modules
         config = converter.ConvertToTFLConfig()

@@ -49,21 +49,18 @@ class _Phases(dict):
 def _load(model_ref: str, settings: ExportSettings):
     """(model, tokenizer or None, quant.json or None)."""
     from nano.checkpoint import load_quant_info
+    from nano.config import GEMMA3_270M
     from nano.model import init_model
     from nano.models import load_model, resolve_config, resolve_model_dir
 
     if settings.random_init:
         config = resolve_config(model_ref)
         tokenizer = None
-        try:
+        if config.vocab_size == GEMMA3_270M.vocab_size:  # the presets that share the teacher's vocabulary
             from nano.models import embedded_teacher_dir
             from nano.tokenizer import Tokenizer
 
-            teacher_tokenizer = Tokenizer.load(embedded_teacher_dir() / "tokenizer.model")
-            if teacher_tokenizer.vocab_size == config.vocab_size:
-                tokenizer = teacher_tokenizer
-        except NanoError:
-            pass
+            tokenizer = Tokenizer.load(embedded_teacher_dir() / "tokenizer.model")
         return init_model(config, seed=0), tokenizer, None
     source = resolve_model_dir(model_ref)
     model, tokenizer = load_model(source)
@@ -114,6 +111,23 @@ def _float_twin(model, weights: dict):
     return twin
 
 
+def _weight_source(model, weights: dict):
+    """weight(i): the i-th exported weight argument as float32, as the artifact computes with it (our int codes
+    dequantized). Only this closure holds the model, so the converter frees it once every weight is bound."""
+    from export.graph import weight_leaves
+    from export.weights import dequantized
+    from nano.quant import QuantizedWeight
+
+    source = weight_leaves(model)
+
+    def weight(i: int) -> np.ndarray:
+        name, value = source[i]
+        value = weights.get(name, value)
+        return dequantized(value) if isinstance(value, QuantizedWeight) else np.asarray(value, np.float32)
+
+    return weight
+
+
 def _scheme(quant_info: dict | None, settings: ExportSettings) -> str:
     if quant_info is None:
         return settings.quant or "float32"
@@ -144,12 +158,10 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
     """Export MODEL to `out` (.tflite or .litertlm). Returns what was done and measured."""
     from export import bundle
     from export.convert import convert
-    from export.graph import DECODE, export_signature, prefill_name, weight_leaves
+    from export.graph import DECODE, export_signature, prefill_name
     from export.runtime import LiteRTLM
-    from export.verify import failure_line, heldout_window, verify
-    from export.weights import dequantized
+    from export.verify import failure_line, verification_window, verify
     from nano.model import abstract_model
-    from nano.quant import QuantizedWeight
 
     out = Path(out)
     start = time.perf_counter()
@@ -183,15 +195,7 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
     try:
         float_file = tmp / "float.tflite"
         with phase("convert", f"converting {len(lengths) + 1} signatures ({', '.join(map(prefill_name, lengths))}, {DECODE})"):
-            source = weight_leaves(_load(model_ref, settings)[0])
-
-            def weight(i):  # float32, as the artifact computes with it: our int codes dequantized
-                name, value = source[i]
-                value = weights.get(name, value)
-                return dequantized(value) if isinstance(value, QuantizedWeight) else np.asarray(value, np.float32)
-
-            convert(lowered_signatures(), weight, float_file)
-            del source
+            convert(lowered_signatures(), _weight_source(_load(model_ref, settings)[0], weights), float_file)
         tflite = tmp / "model.tflite"
         read_back_count = 0
         if weights:
@@ -212,13 +216,11 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
 
         verification = None
         if settings.verify:
-            if tokenizer is None:
-                raise NanoError("verification needs a tokenizer for held-out text; pass --no-verify")
-            length = min(settings.verify_tokens, settings.max_tokens)
-            with phase("verify", f"verifying against JAX on {length} held-out tokens"):
+            window, text = verification_window(tokenizer, min(settings.verify_tokens, settings.max_tokens),
+                                               config.vocab_size)
+            with phase("verify", f"verifying against JAX on {text}"):
                 runner = LiteRTLM(tflite, threads=settings.threads)
-                verification = verify(runner, reference(), heldout_window(tokenizer, length),
-                                      exact=scheme == "float32")
+                verification = {**verify(runner, reference(), window, exact=scheme == "float32"), "text": text}
                 del runner
             if not verification["ok"]:
                 raise NanoError(failure_line(verification))

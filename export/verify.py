@@ -15,12 +15,16 @@ FLOAT_TOLERANCE = 1e-3
 PPL_TOLERANCE = 0.02
 
 
-def heldout_window(tokenizer, length: int) -> np.ndarray:
-    """[BOS] + the held-out split's first `length - 1` tokens."""
+def verification_window(tokenizer, length: int, vocab_size: int) -> tuple[np.ndarray, str]:
+    """([BOS] + the held-out split's first `length - 1` tokens, its description); without a tokenizer (a random
+    preset with no vocabulary file) fixed pseudo-random ids, which test the arithmetic just as well."""
     from nano.corpus import corpus_text
 
+    if tokenizer is None:
+        ids = np.random.default_rng(0).integers(0, vocab_size, length).astype(np.int32)
+        return ids, f"{length} pseudo-random token ids"
     ids = tokenizer.encode(corpus_text("heldout", max_chars=16 * length))[:length - 1]
-    return np.array([tokenizer.bos_id, *ids], np.int32)
+    return np.array([tokenizer.bos_id, *ids], np.int32), f"{length} held-out tokens"
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -52,9 +52,9 @@ def gptq_dir(tiny_model, tiny_tokenizer, tmp_path_factory):
 
 
 def _window(tokenizer, n):
-    from export.verify import heldout_window
+    from export.verify import verification_window
 
-    return heldout_window(tokenizer, n)
+    return verification_window(tokenizer, n, TINY.vocab_size)[0]
 
 
 def test_float32_export_matches_jax_through_every_signature(float_export, tiny_model, tiny_tokenizer):
@@ -178,6 +178,17 @@ def test_not_a_model_and_requantizing_are_refused(tmp_path, gptq_dir):
                            "not a model directory")
     assert_refused_cleanly(lambda: export(str(gptq_dir), out, ExportSettings(quant="int8", **SMALL)), out,
                            "would requantize its codes")
+
+
+def test_random_init_preset(tmp_path):
+    """A preset with random weights exports and verifies (on pseudo-random ids: `tiny` has no tokenizer file), and
+    with no tokenizer a .litertlm is refused in one line."""
+    result = export("tiny", tmp_path / "tiny.tflite", ExportSettings(random_init=True, **SMALL))
+    assert result["verification"]["ok"] and result["verification"]["text"] == f"{CONTEXT} pseudo-random token ids"
+    assert LiteRTLM(result["out"], threads=2).prefill_lengths == [4, 16]
+    out = tmp_path / "out" / "tiny.litertlm"
+    assert_refused_cleanly(lambda: export("tiny", out, ExportSettings(random_init=True, **SMALL)), out,
+                           "no tokenizer with its 512-piece vocabulary")
 
 
 def test_failed_verification_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
