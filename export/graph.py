@@ -64,12 +64,20 @@ def weight_leaves(model: Decoder) -> list[tuple[str, object]]:
     return [(".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)), leaf) for path, leaf in flat]
 
 
+def transposed(name: str) -> bool:
+    """A projection kernel [in, out] is passed as [out, in], the layout of TFLite's FULLY_CONNECTED weights: the
+    converter then finds each weight in its own layout and makes no transposed copy of it."""
+    return name.endswith(".kernel")
+
+
 def _signature_fn(model: Decoder, *, logits: bool):
     n = model.config.num_layers
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     treedef = jax.tree_util.tree_structure(params)
+    flip = [transposed(name) for name, _ in weight_leaves(model)]
 
     def fn(weights, tokens, input_pos, *caches):
+        weights = [w.T if f else w for w, f in zip(weights, flip)]
         net = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, weights), rest)
         cache = KVCache(k=tuple(caches[:n]), v=tuple(caches[n:]))
         hidden, cache = net(tokens, input_pos[None], cache=cache, return_hidden=True)
@@ -86,7 +94,8 @@ def export_signature(model: Decoder, length: int, max_tokens: int) -> Signature:
     config = model.config
     name = DECODE if length == 1 else prefill_name(length)
     shapes = cache_shapes(config, max_tokens)
-    weights = [jax.ShapeDtypeStruct(w.shape, jnp.float32) for _, w in weight_leaves(model)]
+    weights = [jax.ShapeDtypeStruct(w.shape[::-1] if transposed(name) else w.shape, jnp.float32)
+               for name, w in weight_leaves(model)]
     args = [jax.ShapeDtypeStruct((1, length), jnp.int32), jax.ShapeDtypeStruct((length,), jnp.int32)]
     args += [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes.values()]
     with export_lookups():

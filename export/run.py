@@ -46,25 +46,33 @@ class _Phases(dict):
         self[key] = {"seconds": round(time.perf_counter() - start, 1), "peak_rss_bytes": peak_rss_bytes()}
 
 
-def _load(model_ref: str, settings: ExportSettings):
-    """(model, tokenizer or None, quant.json or None)."""
-    from nano.checkpoint import load_quant_info
+def _describe(model_ref: str, settings: ExportSettings):
+    """(config, tokenizer or None, quant.json or None), without loading any weights."""
+    from nano.checkpoint import TOKENIZER_FILE, load_config, load_quant_info
     from nano.config import GEMMA3_270M
-    from nano.model import init_model
-    from nano.models import load_model, resolve_config, resolve_model_dir
+    from nano.models import resolve_config, resolve_model_dir
+    from nano.tokenizer import Tokenizer
 
     if settings.random_init:
         config = resolve_config(model_ref)
         tokenizer = None
         if config.vocab_size == GEMMA3_270M.vocab_size:  # the presets that share the teacher's vocabulary
             from nano.models import embedded_teacher_dir
-            from nano.tokenizer import Tokenizer
 
-            tokenizer = Tokenizer.load(embedded_teacher_dir() / "tokenizer.model")
-        return init_model(config, seed=0), tokenizer, None
+            tokenizer = Tokenizer.load(embedded_teacher_dir() / TOKENIZER_FILE)
+        return config, tokenizer, None
     source = resolve_model_dir(model_ref)
-    model, tokenizer = load_model(source)
-    return model, tokenizer, load_quant_info(source)
+    return load_config(source), Tokenizer.load(source / TOKENIZER_FILE), load_quant_info(source)
+
+
+def _load(model_ref: str, settings: ExportSettings):
+    """The model: loaded, or (--random-init) initialised with seed 0, the same weights every time."""
+    from nano.model import init_model
+    from nano.models import load_model, resolve_config
+
+    if settings.random_init:
+        return init_model(resolve_config(model_ref), seed=0)
+    return load_model(model_ref)[0]
 
 
 def _integer_weights(model, quant: str, quant_info: dict | None) -> dict:
@@ -114,7 +122,7 @@ def _float_twin(model, weights: dict):
 def _weight_source(model, weights: dict):
     """weight(i): the i-th exported weight argument as float32, as the artifact computes with it (our int codes
     dequantized). Only this closure holds the model, so the converter frees it once every weight is bound."""
-    from export.graph import weight_leaves
+    from export.graph import transposed, weight_leaves
     from export.weights import dequantized
     from nano.quant import QuantizedWeight
 
@@ -123,7 +131,8 @@ def _weight_source(model, weights: dict):
     def weight(i: int) -> np.ndarray:
         name, value = source[i]
         value = weights.get(name, value)
-        return dequantized(value) if isinstance(value, QuantizedWeight) else np.asarray(value, np.float32)
+        value = dequantized(value) if isinstance(value, QuantizedWeight) else np.asarray(value, np.float32)
+        return np.ascontiguousarray(value.T) if transposed(name) else value
 
     return weight
 
@@ -169,21 +178,21 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
     if out.exists() and not force:
         raise NanoError(f"{out} already exists (pass --force to replace it)")
     phase = _Phases()
-    with phase("load", f"loading {model_ref}" + (" (random weights)" if settings.random_init else "")):
-        model, tokenizer, quant_info = _load(model_ref, settings)
-    config = model.config
+    config, tokenizer, quant_info = _describe(model_ref, settings)
     settings.check(out, config.max_seq_len)
     if out.suffix == ".litertlm" and tokenizer is None:
         raise NanoError(f"{model_ref} has no tokenizer with its {config.vocab_size}-piece vocabulary; export a .tflite")
     scheme = _scheme(quant_info, settings)
-    weights = {} if scheme in ("float32", "fp16") else _integer_weights(model, scheme, quant_info)
-    del model
+    weights = {}
+    if scheme not in ("float32", "fp16"):
+        with phase("load", f"{'initialising' if settings.random_init else 'loading'} {model_ref}'s {scheme} codes"):
+            weights = _integer_weights(_load(model_ref, settings), scheme, quant_info)
     lengths = [n for n in settings.prefill_lengths if n > 1]  # length 1 is decode itself
 
     def reference():
         """The model as the artifact computes it. Built when needed and dropped after, rather than held: the
         conversion's peak memory then holds no JAX copy of the weights beside the converter's own."""
-        return _float_twin(_load(model_ref, settings)[0], weights)
+        return _float_twin(_load(model_ref, settings), weights)
 
     def lowered_signatures():  # programs over abstract weights: shapes only, nothing allocated
         model = abstract_model(config)
@@ -195,7 +204,7 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
     try:
         float_file = tmp / "float.tflite"
         with phase("convert", f"converting {len(lengths) + 1} signatures ({', '.join(map(prefill_name, lengths))}, {DECODE})"):
-            convert(lowered_signatures(), _weight_source(_load(model_ref, settings)[0], weights), float_file)
+            convert(lowered_signatures(), _weight_source(_load(model_ref, settings), weights), float_file)
         tflite = tmp / "model.tflite"
         read_back_count = 0
         if weights:
@@ -219,9 +228,9 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
             window, text = verification_window(tokenizer, min(settings.verify_tokens, settings.max_tokens),
                                                config.vocab_size)
             with phase("verify", f"verifying against JAX on {text}"):
-                runner = LiteRTLM(tflite, threads=settings.threads)
-                verification = {**verify(runner, reference(), window, exact=scheme == "float32"), "text": text}
-                del runner
+                verification = verify(lambda: LiteRTLM(tflite, threads=settings.threads), reference, window,
+                                      exact=scheme == "float32")
+                verification["text"] = text
             if not verification["ok"]:
                 raise NanoError(failure_line(verification))
 

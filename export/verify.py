@@ -34,16 +34,20 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return logz - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
 
 
-def verify(runner, model, window: np.ndarray, *, exact: bool) -> dict:
-    """Compare `runner` (export.runtime.LiteRTLM) with the JAX `model` on `window`; the result carries `ok`."""
+def verify(open_runner, build_model, window: np.ndarray, *, exact: bool) -> dict:
+    """Compare the artifact (`open_runner()` → export.runtime.LiteRTLM) with the JAX model (`build_model()`) on
+    `window`; the result carries `ok`. One after the other, so the two never hold their weights at once."""
     import jax.numpy as jnp
 
-    expected, _ = model(jnp.asarray(window[None]))
-    expected = np.asarray(expected[0], np.float32)  # [L, vocab]: logits predicting window[1:]
     half = len(window) // 2
+    runner = open_runner()
     runner.prefill(window[:half])
     got = np.stack([runner.decode(int(window[p]), p) for p in range(half, len(window) - 1)])
-    want = expected[half:len(window) - 1]
+    del runner
+    model = build_model()
+    hidden, _ = model(jnp.asarray(window[None]), return_hidden=True)
+    want = np.asarray(model.head(hidden[:, half:len(window) - 1])[0], np.float32)  # logits predicting window[half+1:]
+    del model, hidden
     targets = window[half + 1:]
     ppl_artifact, ppl_jax = float(np.exp(_nll(got, targets).mean())), float(np.exp(_nll(want, targets).mean()))
     result = {"tokens": len(window), "prefilled": half, "decoded": len(targets),
