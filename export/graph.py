@@ -94,8 +94,8 @@ def export_signature(model: Decoder, length: int, max_tokens: int) -> Signature:
     config = model.config
     name = DECODE if length == 1 else prefill_name(length)
     shapes = cache_shapes(config, max_tokens)
-    weights = [jax.ShapeDtypeStruct(w.shape[::-1] if transposed(name) else w.shape, jnp.float32)
-               for name, w in weight_leaves(model)]
+    weights = [jax.ShapeDtypeStruct(w.shape[::-1] if transposed(param) else w.shape, jnp.float32)
+               for param, w in weight_leaves(model)]
     args = [jax.ShapeDtypeStruct((1, length), jnp.int32), jax.ShapeDtypeStruct((length,), jnp.int32)]
     args += [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes.values()]
     with export_lookups():

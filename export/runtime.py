@@ -6,12 +6,29 @@ pads). The export verifies artifacts with it; `nano bench` times them with it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from export.graph import DECODE, INPUT_POS, K_CACHE, LOGITS, TOKENS, V_CACHE
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """LiteRT's native code reports on stderr every vendor accelerator it looks for and does not find (NPU, OpenVINO):
+    noise on a CPU. A failure to load still raises, with its own message."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class LiteRTLM:
@@ -22,7 +39,8 @@ class LiteRTLM:
 
         options = Options(hardware_accelerators=HardwareAccelerator.CPU,
                           cpu_options=CpuOptions(num_threads=threads or os.cpu_count() or 1))
-        self.model = CompiledModel.from_file(str(path), options=options)
+        with _quiet_native_stderr():
+            self.model = CompiledModel.from_file(str(path), options=options)
         signatures = self.model.get_signature_list()
         if DECODE not in signatures:
             raise ValueError(f"{path} has no '{DECODE}' signature (it has {sorted(signatures)})")

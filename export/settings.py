@@ -18,7 +18,7 @@ class ExportSettings:
     max_tokens: int = 4096  # the context the artifact holds: the global layers' KV cache length
     verify: bool = True
     random_init: bool = False
-    verify_tokens: int = 512  # held-out tokens run through the artifact for the int perplexity check
+    verify_tokens: int = 1024  # held-out tokens: the first half prefilled, the second decoded and compared
     threads: int | None = None  # for verification; None: every core
 
     def check(self, out: str | Path, max_seq_len: int | None = None) -> None:

@@ -11,14 +11,30 @@ file so the export can prove they arrived.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 
 from nano.errors import NanoError
 from nano.quant import QuantizedWeight
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """ai-edge-quantizer draws tqdm bars for steps that take a second; the export shows its own progress."""
+    saved = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = saved
 
 
 def tflite_layout(weight: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +110,8 @@ def write_codes(src: Path, dst: Path, weights: dict[str, QuantizedWeight]) -> No
     if embedding is not None:
         q.add_dynamic_config(".*", qtyping.TFLOperationName.EMBEDDING_LOOKUP, embedding.spec.bits,
                              qtyping.QuantGranularity.CHANNELWISE, key)
-    result = q.quantize(enable_progress_bar=False, enable_progress_report=False)
+    with _no_progress_bars():
+        result = q.quantize(enable_progress_bar=False, enable_progress_report=False)
     missing = sorted(set(weights) - found)
     if missing:
         raise NanoError(f"export: {len(missing)} quantized weights were not found in the converted graph "
@@ -110,7 +127,8 @@ def write_float16(src: Path, dst: Path) -> None:
     for op in (qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.EMBEDDING_LOOKUP):
         q.add_weight_only_config(".*", op, 16, qtyping.QuantGranularity.TENSORWISE,
                                  algorithm_manager.AlgorithmName.FLOAT_CASTING)
-    result = q.quantize(enable_progress_bar=False, enable_progress_report=False)
+    with _no_progress_bars():
+        result = q.quantize(enable_progress_bar=False, enable_progress_report=False)
     Path(dst).write_bytes(result.quantized_model)
 
 
