@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import os
+import io
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +25,10 @@ from nano.quant import QuantizedWeight
 
 @contextlib.contextmanager
 def _no_progress_bars():
-    """ai-edge-quantizer draws tqdm bars for steps that take a second; the export shows its own progress."""
-    saved = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
+    """ai-edge-quantizer draws tqdm bars it cannot be told to skip everywhere (its graph rewrite decides by model
+    size); the export shows its own progress, so the library's stderr is set aside for the call."""
+    with contextlib.redirect_stderr(io.StringIO()):
         yield
-    finally:
-        if saved is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = saved
 
 
 def tflite_layout(weight: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
