@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 
 import click
 
@@ -45,7 +47,7 @@ def export_cmd(model, out, quant, prefill_lengths, max_tokens, no_verify, random
     \b
     nano-export gemma3-270m --out teacher.litertlm
     nano-export runs/q/gptq --out teacher-int4.litertlm            # GPTQ's int4 codes, unchanged
-    nano-export nano-1 --random-init --quant int4-b32 --out n1.tflite --no-verify
+    nano-export nano-micro --random-init --quant int4-b32 --out micro.litertlm  # random weights
 
     The .tflite holds signatures prefill_<N> and decode with the KV cache in and out; the .litertlm adds the
     tokenizer and the engine's metadata. Unless --no-verify, the artifact runs on held-out text and must match
@@ -84,4 +86,7 @@ def _print_table(result: dict) -> None:
 
 
 def main() -> None:
+    # LiteRT's native destructors log every accelerator they tear down on stderr after Python has finished: by
+    # then everything worth reading has been printed, so stderr is closed to them.
+    atexit.register(lambda: os.dup2(os.open(os.devnull, os.O_WRONLY), 2))
     export_cmd(prog_name="nano-export")
