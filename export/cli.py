@@ -34,8 +34,9 @@ class _OneLineErrors(click.Command):
                    "quantize`), a float model exports float32. int8/int4 on a float model round to nearest.")
 @click.option("--prefill-lengths", default=",".join(map(str, _E.prefill_lengths)), show_default=True,
               help="Comma-separated prefill signature lengths (prefill_<N>).")
-@click.option("--max-tokens", default=_E.max_tokens, show_default=True,
-              help="Context the artifact holds (the global layers' KV cache).")
+@click.option("--max-tokens", type=int, default=None,
+              help="Context the artifact holds (the global layers' KV cache). Default: 4096, or the model's own "
+                   "context if shorter.")
 @click.option("--no-verify", is_flag=True, help="Skip running the artifact against the JAX model.")
 @click.option("--random-init", is_flag=True, help="Export a preset with random weights (sizes with no checkpoint).")
 @click.option("--threads", type=int, default=None, help="CPU threads for verification (default: all).")

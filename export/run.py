@@ -179,6 +179,7 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
         raise NanoError(f"{out} already exists (pass --force to replace it)")
     phase = _Phases()
     config, tokenizer, quant_info = _describe(model_ref, settings)
+    settings = settings.for_model(config.max_seq_len)
     settings.check(out, config.max_seq_len)
     if out.suffix == ".litertlm" and tokenizer is None:
         raise NanoError(f"{model_ref} has no tokenizer with its {config.vocab_size}-piece vocabulary; export a .tflite")

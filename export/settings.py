@@ -8,6 +8,7 @@ from pathlib import Path
 from nano.errors import NanoError
 
 QUANTS = ("float32", "fp16", "int8", "int4-b32", "int4-b128")
+DEFAULT_MAX_TOKENS = 4096
 SUFFIXES = (".litertlm", ".tflite")
 
 
@@ -15,7 +16,8 @@ SUFFIXES = (".litertlm", ".tflite")
 class ExportSettings:
     quant: str | None = None  # None: a quantized model keeps its own scheme, a float one exports float32
     prefill_lengths: tuple[int, ...] = (128, 512)
-    max_tokens: int = 4096  # the context the artifact holds: the global layers' KV cache length
+    max_tokens: int | None = None  # the context the artifact holds (global layers' KV cache); None: 4096 or the
+    # model's own context if shorter
     verify: bool = True
     random_init: bool = False
     verify_tokens: int = 1024  # held-out tokens: the first half prefilled, the second decoded and compared
@@ -26,17 +28,21 @@ class ExportSettings:
             raise NanoError(f"--out must end in {' or '.join(SUFFIXES)}, got {str(out)!r}")
         if self.quant is not None and self.quant not in QUANTS:
             raise NanoError(f"--quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
-        if self.max_tokens < 2:
+        if self.max_tokens is not None and self.max_tokens < 2:
             raise NanoError(f"--max-tokens must be at least 2, got {self.max_tokens}")
-        if max_seq_len is not None and self.max_tokens > max_seq_len:
+        if max_seq_len is not None and self.max_tokens is not None and self.max_tokens > max_seq_len:
             raise NanoError(f"--max-tokens {self.max_tokens} exceeds the model's context of {max_seq_len}")
         if not self.prefill_lengths:
             raise NanoError("--prefill-lengths needs at least one length")
         for n in self.prefill_lengths:
             if n < 1:
                 raise NanoError(f"prefill lengths must be positive, got {n}")
-            if n > self.max_tokens:
+            if self.max_tokens is not None and n > self.max_tokens:
                 raise NanoError(f"prefill length {n} exceeds --max-tokens {self.max_tokens}")
+
+    def for_model(self, max_seq_len: int) -> "ExportSettings":
+        """With the context resolved: --max-tokens, or 4096 capped at the model's own context."""
+        return dataclasses.replace(self, max_tokens=self.max_tokens or min(DEFAULT_MAX_TOKENS, max_seq_len))
         if self.verify_tokens < 2:
             raise NanoError(f"verification needs at least 2 tokens, got {self.verify_tokens}")
 
