@@ -225,3 +225,12 @@ def test_numpy_dequantization_is_the_models(bits, block, axis):
     w = jnp.asarray(np.random.default_rng(bits + block + axis).normal(size=(64, 96)), jnp.float32)
     q = quantize_rtn(w, QuantSpec(bits, block, axis))
     np.testing.assert_array_equal(dequantized(q), np.asarray(q.dequantize()))
+
+
+def test_nano_export_is_the_same_command():
+    from click.testing import CliRunner
+
+    from nano.cli import cli
+
+    result = CliRunner().invoke(cli, ["export", "--help"])
+    assert result.exit_code == 0 and "--prefill-lengths" in result.output and "--random-init" in result.output
