@@ -153,3 +153,19 @@ def test_head_applied_to_hidden_states_equals_logits(tiny_model):
     rows = jnp.array([3, 77, 500])  # a vocabulary slice gives those columns
     part = tiny_model.head(hidden, tiny_model.embedder.embedding[...][rows])
     assert np.allclose(part, logits[..., rows], atol=1e-5)
+
+
+def test_padded_chunk_rows_are_neither_seen_nor_written(tiny_model):
+    """LiteRT-LM pads a short last prefill chunk with position 0; those rows must change nothing: the cache equals
+    the unpadded chunk's, in the window-sized rings as in the full-length ones."""
+    tokens = _tokens(1, 13, seed=11)
+    cache = KVCache.zeros(TINY, 1, 32)
+    _, cache = run(tiny_model, tokens[:, :10], _positions(1, 0, 10), cache=cache)  # fills past the window
+    real = tokens[:, 10:13]
+    padded = jnp.concatenate([real, jnp.zeros((1, 5), real.dtype)], axis=1)
+    pad_positions = jnp.concatenate([_positions(1, 10, 13), jnp.zeros((1, 5), jnp.int32)], axis=1)
+    _, want = run(tiny_model, real, _positions(1, 10, 13), cache=cache)
+    _, got = run(tiny_model, padded, pad_positions, cache=cache)
+    for a, b in zip((*want.k, *want.v), (*got.k, *got.v)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    assert got.k[0].shape[2] == TINY.sliding_window and got.k[1].shape[2] == 32  # local ring, global context
