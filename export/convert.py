@@ -12,6 +12,7 @@ MLIR uniques identical constants within a context, so every signature shares one
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -43,6 +44,9 @@ def _bind_weights(module, signature: Signature, weight: Callable[[int], np.ndarr
 
 def convert(signatures: Iterable[Signature], weight: Callable[[int], np.ndarray], path: str | Path) -> None:
     """Write the signatures as one .tflite at `path`; `weight(i)` gives weight argument i as an array."""
+    # The converter carries TensorFlow's oneDNN kernels for constant folding. Off: they may pick AMX, which has
+    # crashed on this project's machines, and they announce themselves on stderr.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     from litert_converter import converter_api_ext as converter
     from litert_converter.mlir import ir, passmanager
     from litert_converter.mlir.dialects import stablehlo

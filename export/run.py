@@ -168,7 +168,7 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
     from export import bundle
     from export.convert import convert
     from export.graph import DECODE, export_signature, prefill_name
-    from export.runtime import LiteRTLM
+    from export.runtime import LiteRTLM, quiet_native_stderr
     from export.verify import failure_line, verification_window, verify
     from nano.model import abstract_model
 
@@ -228,7 +228,7 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
         if settings.verify:
             window, text = verification_window(tokenizer, min(settings.verify_tokens, settings.max_tokens),
                                                config.vocab_size)
-            with phase("verify", f"verifying against JAX on {text}"):
+            with phase("verify", f"verifying against JAX on {text}"), quiet_native_stderr():
                 verification = verify(lambda: LiteRTLM(tflite, threads=settings.threads), reference, window,
                                       exact=scheme == "float32")
                 verification["text"] = text

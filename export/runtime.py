@@ -17,9 +17,9 @@ from export.graph import DECODE, INPUT_POS, K_CACHE, LOGITS, TOKENS, V_CACHE
 
 
 @contextlib.contextmanager
-def _quiet_native_stderr():
-    """LiteRT's native code reports on stderr every vendor accelerator it looks for and does not find (NPU, OpenVINO):
-    noise on a CPU. A failure to load still raises, with its own message."""
+def quiet_native_stderr():
+    """LiteRT's native code logs on stderr every accelerator it looks for, makes and tears down (NPU, OpenVINO, GPU),
+    as it loads a model, first runs it and frees it: noise on a CPU. Failures still raise, with their message."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:
@@ -39,8 +39,11 @@ class LiteRTLM:
 
         options = Options(hardware_accelerators=HardwareAccelerator.CPU,
                           cpu_options=CpuOptions(num_threads=threads or os.cpu_count() or 1))
-        with _quiet_native_stderr():
+        with quiet_native_stderr():
             self.model = CompiledModel.from_file(str(path), options=options)
+        self._setup(path)
+
+    def _setup(self, path) -> None:
         signatures = self.model.get_signature_list()
         if DECODE not in signatures:
             raise ValueError(f"{path} has no '{DECODE}' signature (it has {sorted(signatures)})")
