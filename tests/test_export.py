@@ -234,3 +234,13 @@ def test_nano_export_is_the_same_command():
 
     result = CliRunner().invoke(cli, ["export", "--help"])
     assert result.exit_code == 0 and "--prefill-lengths" in result.output and "--random-init" in result.output
+
+
+def test_int4_embedding_directory(tiny_model, tiny_tokenizer, tmp_path):
+    """`nano quantize --embeddings int4`: the lookup table (shared with the head) is int4 in blocks in the file."""
+    qmodel, info = quantize_model(tiny_model, tiny_tokenizer, QuantizeSettings(method="rtn", embeddings="int4"))
+    source = save_model(qmodel, tiny_tokenizer, tmp_path / "model", quant_info=info)
+    result = export(str(source), tmp_path / "e4.tflite", ExportSettings(**SMALL))
+    assert result["verification"]["ok"] and result["int_weights_read_back"] == result["int_weights"] == 29
+    table = [s for s in read_back(tmp_path / "e4.tflite") if s["codes"].shape == (TINY.vocab_size, TINY.d_model)]
+    assert len(table) == 1 and table[0]["block_size"] == 32 and table[0]["codes"].min() >= -8
