@@ -65,19 +65,16 @@ def tokenizer_of(path: Path, model: str | None):
 
 def artifact_perplexity(runner, tokenizer, text: str, *, window: int = 512) -> dict:
     """The `nano perplexity` protocol through the artifact: every token fed through decode, scored on its logits."""
+    from export.verify import token_nll
     from nano.perplexity import make_windows
 
     window = min(window, runner.max_tokens)
     tokens, weights = make_windows(tokenizer.encode(text), window=window, bos_id=tokenizer.bos_id,
                                    pad_id=tokenizer.pad_id)
-    nll, n = 0.0, 0
-    for row, scored in zip(tokens, weights):
-        for p in range(int(scored.sum())):  # positions restart at 0: each window is a fresh context
-            logits = runner.decode(int(row[p]), p).astype(np.float64)
-            top = logits.max()
-            nll += top + np.log(np.exp(logits - top).sum()) - logits[row[p + 1]]
-            n += 1
-    return {"ppl": float(np.exp(nll / n)), "ppl_tokens": n, "ppl_window": window}
+    nll = [token_nll(runner.decode(int(row[p]), p), int(row[p + 1]))
+           for row, scored in zip(tokens, weights)
+           for p in range(int(scored.sum()))]  # positions restart at 0: each window is a fresh context
+    return {"ppl": float(np.exp(np.mean(nll))), "ppl_tokens": len(nll), "ppl_window": window}
 
 
 def _time_litert(runner, prefill_tokens, decode_tokens: int, repeats: int) -> dict:

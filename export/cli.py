@@ -9,22 +9,16 @@ import os
 import click
 
 from export.settings import QUANTS, ExportSettings, parse_lengths
-from nano.errors import NanoError
+from nano.errors import OneLineErrors
 
 _E = ExportSettings()
 
 
-class _OneLineErrors(click.Command):
-    """Standalone (`nano-export`), a NanoError becomes one `Error: ...` line and exit status 1, as under `nano`."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except NanoError as e:
-            raise click.ClickException(str(e)) from None
+class _Command(OneLineErrors, click.Command):
+    """Standalone (`nano-export`), a NanoError is one `Error: ...` line too, as under `nano`."""
 
 
-@click.command("export", cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"],
+@click.command("export", cls=_Command, context_settings={"help_option_names": ["-h", "--help"],
                                                                "max_content_width": 110})
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),

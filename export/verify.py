@@ -27,14 +27,16 @@ def verification_window(tokenizer, length: int, vocab_size: int) -> tuple[np.nda
     return np.array([tokenizer.bos_id, *ids], np.int32), f"{length} held-out tokens"
 
 
+def token_nll(logits: np.ndarray, target: int) -> float:
+    """-log p(target) under one vocabulary-sized row of logits, in float64."""
+    row = logits.astype(np.float64)
+    top = row.max()
+    return float(top + np.log(np.exp(row - top).sum()) - row[target])
+
+
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log p(target) per row, in float64 one row at a time (a vocabulary-sized row is 2 MB; all of them, 1 GB)."""
-    out = np.empty(len(targets))
-    for i, (row, target) in enumerate(zip(logits, targets)):
-        row = row.astype(np.float64)
-        top = row.max()
-        out[i] = top + np.log(np.exp(row - top).sum()) - row[target]
-    return out
+    """token_nll per row, one row at a time (a vocabulary-sized row is 2 MB in float64; all of them, 1 GB)."""
+    return np.array([token_nll(row, target) for row, target in zip(logits, targets)])
 
 
 def verify(open_runner, build_model, window: np.ndarray, *, exact: bool) -> dict:

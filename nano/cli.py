@@ -12,19 +12,13 @@ from pathlib import Path
 
 import click
 
-from nano.errors import NanoError
+from nano.errors import NanoError, OneLineErrors
 
 DTYPES = ("float32", "bfloat16")
 
 
-class NanoGroup(click.Group):
+class NanoGroup(OneLineErrors, click.Group):
     """Turns a NanoError anywhere below into one `Error: ...` line and exit status 1."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except NanoError as e:
-            raise click.ClickException(str(e)) from None
 
 
 def _dtype(name: str):
