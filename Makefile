@@ -15,7 +15,7 @@ DISTILL_DATA = --teacher gemma3-270m --data stdlib --steps $(DISTILL_STEPS) --ba
   --teacher-dtype bfloat16
 DISTILL_RUN = --student nano-micro --eval-every 10 --eval-batches 2 $(foreach f,$(OUTSIDE_TEXT),--eval-text $(f))
 
-.PHONY: install test test-slow demo distill quantize export clean
+.PHONY: install test test-slow demo peer distill quantize export clean
 
 install: $(STAMP)
 
@@ -31,12 +31,43 @@ test: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
-demo: install
-	mkdir -p $(DEMO_DIR)
+# The whole pipeline on the embedded default, in ~30 min on two cores: distil nano-micro from the teacher (short),
+# quantize student and teacher to int4 (GPTQ), export and verify the .litertlm bundles, bench them in the LiteRT-LM
+# engine (the teacher against llama.cpp on its own Q4_K_M GGUF) and write runs/demo/report/bench.{md,png,json}.
+DEMO_TEXT = $(DEMO_DIR)/heldout.txt
+DEMO_BENCH = --backend litert-lm --text $(DEMO_TEXT) --json
+demo: install peer
+	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
 	$(BIN)/nano info gemma3-270m
-	$(BIN)/nano corpus --split heldout --max-chars 60000 --out $(DEMO_DIR)/heldout.txt
-	$(BIN)/nano perplexity gemma3-270m --text $(DEMO_DIR)/heldout.txt --window 512
-	$(BIN)/nano generate gemma3-270m --prompt "def fibonacci(n):" --max-new-tokens 48 --temperature 0
+	$(BIN)/nano corpus --split heldout --max-chars 8000 --out $(DEMO_TEXT)
+	$(BIN)/nano distill $(DISTILL_DATA) --student nano-micro --eval-every $(DISTILL_STEPS) --eval-batches 2 \
+	  --out $(DEMO_DIR)/distill
+	$(BIN)/nano quantize $(DEMO_DIR)/distill/final --method gptq --no-eval --out $(DEMO_DIR)/student-int4
+	$(BIN)/nano quantize gemma3-270m --method gptq --samples 32 --no-eval --out $(DEMO_DIR)/teacher-int4
+	$(BIN)/nano-export $(DEMO_DIR)/distill/final --out $(DEMO_DIR)/student-float32.litertlm
+	$(BIN)/nano-export $(DEMO_DIR)/student-int4 --out $(DEMO_DIR)/student-int4.litertlm
+	$(BIN)/nano-export $(DEMO_DIR)/teacher-int4 --out $(DEMO_DIR)/teacher-int4.litertlm
+	$(BIN)/nano bench $(DEMO_DIR)/teacher-int4.litertlm $(DEMO_BENCH) --vs-gguf gemma3-270m > $(DEMO_DIR)/teacher-int4.json
+	$(foreach s,student-float32 student-int4,\
+	  $(BIN)/nano bench $(DEMO_DIR)/$(s).litertlm $(DEMO_BENCH) > $(DEMO_DIR)/$(s).json &&) true
+	$(BIN)/python -m bench.report $(foreach s,teacher-int4 student-float32 student-int4,$(s)=$(DEMO_DIR)/$(s).json) \
+	  --out $(DEMO_DIR)/report
+	cat $(DEMO_DIR)/report/bench.md
+
+# llama.cpp, the peer `nano bench --vs-gguf` runs: llama-cpp-python built from source (~7 min) for this CPU's
+# AVX2 / AVX-512 without AMX (code that executed AMX instructions crashed on these machines) and without -march=native.
+CPU_HAS = $(shell grep -qw $(1) /proc/cpuinfo && echo ON || echo OFF)
+LLAMA_CMAKE_ARGS = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+  -DGGML_AVX512=$(call CPU_HAS,avx512f) -DGGML_AVX512_VNNI=$(call CPU_HAS,avx512_vnni) \
+  -DGGML_AVX512_BF16=$(call CPU_HAS,avx512_bf16) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+  -DGGML_OPENMP=ON
+PEER_STAMP := $(VENV)/.peer-stamp
+peer: $(PEER_STAMP)
+
+$(PEER_STAMP): $(STAMP)
+	@echo "building llama.cpp (llama-cpp-python) from source, ~7 min on two cores"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet --no-binary llama-cpp-python -e '.[peer]'
+	touch $@
 
 # The embedded default, distilled: the teacher's sparse distribution is cached once (resumable), then the same
 # student trains with KD and, as the baseline, with cross-entropy alone; the report compares them at equal tokens.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -13,43 +14,89 @@ from bench.run import BACKENDS
 @click.argument("artifact", type=click.Path(dir_okay=False))
 @click.option("--backend", type=click.Choice(BACKENDS), default="litert", show_default=True,
               help="litert: ai-edge-litert's CompiledModel (XNNPACK); litert-lm: the LiteRT-LM engine (.litertlm).")
-@click.option("--threads", type=int, default=None, help="CPU threads (default: all).")
+@click.option("--threads", type=int, default=None, help="CPU threads, for us and for llama.cpp (default: all).")
+@click.option("--delegate", default=None, metavar="PATH",
+              help="Run through this LiteRT external delegate library (libedgetpu.so.1, a GPU delegate, ...).")
 @click.option("--prefill-tokens", default="128,512", show_default=True, help="Comma-separated prompt lengths timed.")
 @click.option("--decode-tokens", default=128, show_default=True, help="Tokens decoded per run.")
 @click.option("--repeats", default=3, show_default=True, help="Runs per figure (the median is reported).")
 @click.option("--text", type=click.Path(dir_okay=False), default=None,
               help="Also measure perplexity through the artifact on this text (the nano perplexity protocol).")
 @click.option("--model", default=None, help="The source model, for a bare .tflite's tokenizer (a .litertlm has one).")
+@click.option("--vs-gguf", default=None, metavar="FILE",
+              help="Also run llama.cpp on this GGUF (or gemma3-270m: the embedded teacher's), alternating with ours, and "
+                   "report the ratios; needs `make peer`.")
+@click.option("--report", "report_dir", default=None, metavar="DIR", help="Write bench.md, bench.json, bench.png here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def bench_cmd(artifact, backend, threads, prefill_tokens, decode_tokens, repeats, text, model, as_json):
+def bench_cmd(artifact, backend, threads, delegate, prefill_tokens, decode_tokens, repeats, text, model, vs_gguf,
+              report_dir, as_json):
     """Time an exported ARTIFACT (.tflite or .litertlm): load, time to first token, prefill and decode tokens/s,
-    peak RSS, file size; with --text, perplexity through the artifact.
+    peak RSS, file size, and how close decode is to the memory-bandwidth limit; with --text, perplexity through
+    the artifact; with --vs-gguf, llama.cpp on the same machine, threads and lengths.
 
     \b
     nano bench runs/export/teacher-int4-b32.litertlm
-    nano bench runs/export/teacher-int4-b32.litertlm --backend litert-lm --json
-    nano bench t.tflite --model gemma3-270m --text heldout.txt
+    nano bench runs/export/teacher-int4-b32.litertlm --backend litert-lm --vs-gguf teacher.gguf --report out/
+    nano bench t.tflite --model gemma3-270m --text heldout.txt --json
+    nano bench edgetpu.tflite --model M --delegate /usr/lib/libedgetpu.so.1
     """
+    from rich.console import Console
+
     from bench.run import bench
     from export.settings import parse_lengths
     from nano.cli import _read_text
 
-    result = bench(artifact, backend=backend, threads=threads, prefill_tokens=parse_lengths(prefill_tokens),
-                   decode_tokens=decode_tokens, repeats=repeats, text=_read_text(text) if text else None, model=model)
+    err = Console(stderr=True)
+    with err.status("benchmarking") as status:
+        result = bench(artifact, backend=backend, threads=threads, delegate=delegate,
+                       prefill_tokens=parse_lengths(prefill_tokens), decode_tokens=decode_tokens, repeats=repeats,
+                       text=_read_text(text) if text else None, model=model, vs_gguf=vs_gguf,
+                       progress=lambda message: status.update(f"benchmarking: {message}"))
+    if report_dir is not None:
+        from bench.report import write_report
+
+        for path in write_report({Path(artifact).name: result}, report_dir):
+            err.print(f"wrote {path}")
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    from rich.console import Console
+    Console().print(_table(result))
+
+
+def _table(result: dict):
     from rich.table import Table
 
-    table = Table(title=f"{result['artifact']} ({result['backend']}, {result['threads']} threads)", show_header=False)
-    table.add_row("file size", f"{result['file_bytes'] / 2**20:,.1f} MiB")
-    table.add_row("load", f"{result['load_s']:.2f} s")
-    table.add_row("time to first token", f"{result['time_to_first_token_s'] * 1000:.0f} ms")
-    for n, rate in result["prefill_tokens_per_s"].items():
-        table.add_row(f"prefill {n} tokens", f"{rate:,.0f} tokens/s")
-    table.add_row(f"decode ({result['decode_tokens']} tokens)", f"{result['decode_tokens_per_s']:,.1f} tokens/s")
+    peer = result.get("peer")
+    table = Table(title=f"{result['artifact']} ({result['backend']}, {result['threads']} threads)",
+                  caption=f"llama.cpp: {peer['gguf']}, in alternating runs" if peer else None)
+    table.add_column("")
+    table.add_column("ours", justify="right")
+    if peer:
+        table.add_column("llama.cpp", justify="right")
+        table.add_column("ours / llama.cpp", justify="right")
+
+    def row(label, key, fmt, ratio=None):
+        cells = [label, fmt(result[key])]
+        if peer:
+            cells += [fmt(peer[key]), f"{ratio:.2f}×" if ratio is not None else ""]
+        table.add_row(*cells)
+
+    row("file size", "file_bytes", lambda v: f"{v / 2**20:,.1f} MiB")
+    row("load", "load_s", lambda v: f"{v:.2f} s")
+    row("time to first token", "time_to_first_token_s", lambda v: f"{v * 1000:.0f} ms")
+    for n in result["prefill_tokens_per_s"]:
+        table.add_row(f"prefill {n} tokens", f"{result['prefill_tokens_per_s'][n]:,.0f} tokens/s",
+                      *([f"{peer['prefill_tokens_per_s'][n]:,.0f} tokens/s", f"{result['ratios'][f'prefill_{n}']:.2f}×"]
+                        if peer else []))
+    row(f"decode ({result['decode_tokens']} tokens)", "decode_tokens_per_s", lambda v: f"{v:,.1f} tokens/s",
+        result["ratios"]["decode"] if peer else None)
+    table.add_row("decode limit (bandwidth)",
+                  f"{result['decode_tokens_per_s_limit']:,.1f} tokens/s "
+                  f"({result['decode_bandwidth_fraction']:.0%} reached)")
+    table.add_row("bytes read per token", f"{result['decode_bytes_per_token'] / 2**20:,.1f} MiB")
     if "ppl" in result:
         table.add_row("perplexity", f"{result['ppl']:.4f} over {result['ppl_tokens']:,} tokens")
-    table.add_row("peak memory", f"{result['peak_rss_bytes'] / 2**30:.2f} GiB")
-    Console().print(table)
+    if "delegated_nodes" in result:
+        table.add_row("nodes on the delegate", f"{result['delegated_nodes']} of {result['nodes']}")
+    row("peak memory", "peak_rss_bytes", lambda v: f"{v / 2**30:.2f} GiB")
+    return table

@@ -4,8 +4,11 @@ Two backends run the same file:
 - `litert`: ai-edge-litert's CompiledModel through export.runtime.LiteRTLM (XNNPACK, the KV cache updated in
   place, prompts split into the file's prefill signatures as the engine splits them);
 - `litert-lm`: the LiteRT-LM engine itself (`litert_lm.Benchmark`, a .litertlm only), what an app runs.
+`--delegate PATH` runs the litert backend through an external delegate (bench.delegate).
 
-Each figure is the median over `repeats` runs. Perplexity feeds every token through `decode` with the
+Each figure is the median over `repeats` runs; with a GGUF, llama.cpp (bench.peer) runs between ours, alternating,
+and the result holds its figures under "peer" and ours / its throughput under "ratios". bench.bandwidth adds the
+bytes each decoded token reads and the decode rate the machine's memory bandwidth allows. Perplexity feeds every token through `decode` with the
 `nano perplexity` protocol (windows of BOS + window - 1 tokens).
 """
 
@@ -20,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from export.run import peak_rss_bytes
+from export.runtime import quiet_native_stderr
 from nano.errors import NanoError
+from nano.models import DEFAULT_TEACHER, teacher_gguf_path
 
 BACKENDS = ("litert", "litert-lm")
 
@@ -63,6 +68,17 @@ def tokenizer_of(path: Path, model: str | None):
     raise NanoError("a bare .tflite carries no tokenizer: pass --model (the model it was exported from)")
 
 
+def open_runner(tflite: Path, *, threads: int, delegate: str | None = None):
+    """The Python runner for a .tflite: on the CPU (XNNPACK, caches in place), or through an external delegate."""
+    if delegate is None:
+        from export.runtime import LiteRTLM
+
+        return LiteRTLM(tflite, threads=threads)
+    from bench.delegate import DelegatedLiteRTLM
+
+    return DelegatedLiteRTLM(tflite, delegate=delegate, threads=threads)
+
+
 def artifact_perplexity(runner, tokenizer, text: str, *, window: int = 512) -> dict:
     """The `nano perplexity` protocol through the artifact: every token fed through decode, scored on its logits."""
     from export.verify import token_nll
@@ -77,55 +93,81 @@ def artifact_perplexity(runner, tokenizer, text: str, *, window: int = 512) -> d
     return {"ppl": float(np.exp(np.mean(nll))), "ppl_tokens": len(nll), "ppl_window": window}
 
 
-def _time_litert(runner, prefill_tokens, decode_tokens: int, repeats: int) -> dict:
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, runner.vocab_size, max(prefill_tokens) + decode_tokens + 1).tolist()
+def _round_litert(runner, ids: list[int], prefill_tokens, decode_tokens: int) -> dict:
+    """One run of every figure through the Python runner: each prefill length from an empty context, then the time
+    to the first token and decode after the first length."""
     prefill = {}
     for n in prefill_tokens:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            runner.prefill(ids[:n])
-            times.append(time.perf_counter() - start)
-        prefill[str(n)] = n / statistics.median(times)
-    decode, first = [], []
-    for _ in range(repeats):
-        n = prefill_tokens[0]
         start = time.perf_counter()
         runner.prefill(ids[:n])
-        runner.decode(ids[n], n)
-        first.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for i in range(1, decode_tokens):
-            runner.decode(ids[n + i], n + i)
-        decode.append((decode_tokens - 1) / (time.perf_counter() - start))
-    return {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": statistics.median(decode),
-            "time_to_first_token_s": statistics.median(first)}
+        prefill[str(n)] = n / (time.perf_counter() - start)
+    n = prefill_tokens[0]
+    start = time.perf_counter()
+    runner.prefill(ids[:n])
+    runner.decode(ids[n], n)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(1, decode_tokens):
+        runner.decode(ids[n + i], n + i)
+    return {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": (decode_tokens - 1) / (time.perf_counter() - start),
+            "time_to_first_token_s": first}
 
 
-def _time_litert_lm(path: Path, threads: int, prefill_tokens, decode_tokens: int, repeats: int, cache: Path) -> dict:
+def _round_litert_lm(path: Path, threads: int, prefill_tokens, decode_tokens: int, cache: Path) -> dict:
+    """One run of every figure in the LiteRT-LM engine (`litert_lm.Benchmark`, which loads the bundle each time)."""
     import litert_lm
 
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
-    prefill, decode, first, load = {}, [], [], []
-    for n in prefill_tokens:
-        runs = [litert_lm.Benchmark(str(path), backend=litert_lm.Backend.CPU(thread_count=threads),
-                                    prefill_tokens=n, decode_tokens=decode_tokens, cache_dir=str(cache)).run()
-                for _ in range(repeats)]
-        prefill[str(n)] = statistics.median(r.last_prefill_tokens_per_second for r in runs)
-        decode += [r.last_decode_tokens_per_second for r in runs]
-        first += [r.time_to_first_token_in_second for r in runs]
-        load += [r.init_time_in_second for r in runs]
-    return {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": statistics.median(decode),
-            "time_to_first_token_s": statistics.median(first), "load_s": statistics.median(load)}
+    runs = {n: litert_lm.Benchmark(str(path), backend=litert_lm.Backend.CPU(thread_count=threads), prefill_tokens=n,
+                                   decode_tokens=decode_tokens, cache_dir=str(cache)).run() for n in prefill_tokens}
+    first = runs[prefill_tokens[0]]
+    return {"prefill_tokens_per_s": {str(n): r.last_prefill_tokens_per_second for n, r in runs.items()},
+            "decode_tokens_per_s": first.last_decode_tokens_per_second,
+            "time_to_first_token_s": first.time_to_first_token_in_second, "load_s": first.init_time_in_second}
 
 
-def bench(artifact: str | Path, *, backend: str = "litert", threads: int | None = None,
+def _round_gguf(gguf: Path, threads: int, prefill_tokens, decode_tokens: int) -> dict:
+    """One run of llama.cpp (bench.peer) in a child process."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise NanoError("--vs-gguf needs llama.cpp's bindings: run `make peer` (builds llama-cpp-python, ~7 min)")
+    command = [sys.executable, "-m", "bench.peer", str(gguf), "--threads", str(threads),
+               "--prefill-tokens", ",".join(map(str, prefill_tokens)), "--decode-tokens", str(decode_tokens)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise NanoError(f"llama.cpp failed on {gguf}: {lines[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _median(rounds: list[dict]) -> dict:
+    """Each figure's median over the rounds."""
+    out = {key: statistics.median(r[key] for r in rounds) for key in rounds[0] if key != "prefill_tokens_per_s"}
+    out["prefill_tokens_per_s"] = {n: statistics.median(r["prefill_tokens_per_s"][n] for r in rounds)
+                                   for n in rounds[0]["prefill_tokens_per_s"]}
+    return out
+
+
+def ratios(ours: dict, peer: dict) -> dict:
+    """Ours over the peer's throughput (above 1: we are faster), each prefill length and decode."""
+    out = {f"prefill_{n}": rate / peer["prefill_tokens_per_s"][n] for n, rate in ours["prefill_tokens_per_s"].items()}
+    out["decode"] = ours["decode_tokens_per_s"] / peer["decode_tokens_per_s"]
+    return out
+
+
+def bench(artifact: str | Path, *, backend: str = "litert", threads: int | None = None, delegate: str | None = None,
           prefill_tokens: tuple[int, ...] = (128, 512), decode_tokens: int = 128, repeats: int = 3,
-          text: str | None = None, model: str | None = None) -> dict:
+          text: str | None = None, model: str | None = None, vs_gguf: str | None = None,
+          progress=lambda message: None) -> dict:
+    """Time ARTIFACT; with `vs_gguf`, llama.cpp on that GGUF in alternating runs (ours, llama.cpp, ours, ...), so
+    that both see the same machine state, and the ratios. `progress` hears what runs."""
     import os
 
-    from export.runtime import LiteRTLM, quiet_native_stderr
+    from bench.bandwidth import decode_limit
 
     path = Path(artifact)
     if not path.is_file():
@@ -136,26 +178,54 @@ def bench(artifact: str | Path, *, backend: str = "litert", threads: int | None 
         raise NanoError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "litert-lm" and path.suffix != ".litertlm":
         raise NanoError("the litert-lm backend runs a .litertlm bundle; this is a bare .tflite")
+    if backend == "litert-lm" and delegate is not None:
+        raise NanoError("--delegate runs through ai-edge-litert: use it with --backend litert")
     if repeats < 1 or decode_tokens < 2 or not prefill_tokens or min(prefill_tokens) < 1:
         raise NanoError("--repeats must be ≥ 1, --decode-tokens ≥ 2 and prefill lengths ≥ 1")
+    if vs_gguf == DEFAULT_TEACHER:
+        vs_gguf = str(teacher_gguf_path())
+    if vs_gguf is not None and not Path(vs_gguf).is_file():
+        raise NanoError(f"--vs-gguf {vs_gguf} does not exist or is not a file")
     threads = threads or os.cpu_count() or 1
+    prefill_tokens = sorted(prefill_tokens)
     result = {"artifact": str(path), "backend": backend, "threads": threads, "file_bytes": path.stat().st_size,
               "decode_tokens": decode_tokens, "repeats": repeats}
+    ours, peer = [], []
+
+    def round_with_peer(run_ours) -> None:
+        for r in range(repeats):
+            progress(f"run {r + 1}/{repeats}: {backend}")
+            ours.append(run_ours())
+            if vs_gguf is not None:
+                progress(f"run {r + 1}/{repeats}: llama.cpp")
+                peer.append(_round_gguf(Path(vs_gguf), threads, prefill_tokens, decode_tokens))
+
     with tempfile.TemporaryDirectory() as tmp, quiet_native_stderr():
         tmp = Path(tmp)
+        tflite = tflite_of(path, tmp)
         start = time.perf_counter()
-        runner = LiteRTLM(tflite_of(path, tmp), threads=threads)
+        runner = open_runner(tflite, threads=threads, delegate=delegate)
         load = time.perf_counter() - start
+        result.update(getattr(runner, "placement", {}))
         longest = max(prefill_tokens) + decode_tokens + 1
         if longest > runner.max_tokens:
             raise NanoError(f"prefill {max(prefill_tokens)} + decode {decode_tokens} tokens exceed the artifact's "
                             f"context of {runner.max_tokens}")
         if backend == "litert":
-            result.update(_time_litert(runner, sorted(prefill_tokens), decode_tokens, repeats), load_s=load)
+            ids = np.random.default_rng(0).integers(3, runner.vocab_size, longest).tolist()
+            round_with_peer(lambda: {**_round_litert(runner, ids, prefill_tokens, decode_tokens), "load_s": load})
         if text is not None:
+            progress("perplexity through the artifact")
             result.update(artifact_perplexity(runner, tokenizer_of(path, model), text))
         del runner
         if backend == "litert-lm":
-            result.update(_time_litert_lm(path, threads, sorted(prefill_tokens), decode_tokens, repeats, tmp))
+            round_with_peer(lambda: _round_litert_lm(path, threads, prefill_tokens, decode_tokens, tmp))
+        result.update(_median(ours))
+        progress("memory bandwidth")
+        result.update(decode_limit(tflite, result["decode_tokens_per_s"], threads))
+    if peer:
+        result["peer"] = {"engine": "llama.cpp", "gguf": str(vs_gguf), "file_bytes": Path(vs_gguf).stat().st_size,
+                          **_median(peer)}
+        result["ratios"] = ratios(result, result["peer"])
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -65,3 +66,85 @@ def test_bench_missing_or_bare_files(tmp_path, artifact):
     bare.write_bytes(b"")
     with pytest.raises(NanoError, match="runs a .litertlm bundle"):
         bench(bare, backend="litert-lm")
+
+
+def test_decode_bytes_are_the_weights_and_the_cache(artifact, tiny_model, tmp_path):
+    """Bytes per decoded token: every parameter once (float32 here) and every KV-cache slot."""
+    from flax import nnx
+
+    from bench.bandwidth import decode_bytes, memory_bandwidth
+    from bench.run import tflite_of
+    from export.runtime import LiteRTLM
+
+    tflite = tflite_of(artifact, tmp_path)
+    read = decode_bytes(tflite)
+    params = sum(x.size for x in __import__("jax").tree.leaves(nnx.state(tiny_model, nnx.Param))) * 4
+    cache = sum(int(np.prod(shape)) * 4 for shape in LiteRTLM(tflite, threads=1).cache_shapes.values())
+    assert read["kv_cache_bytes"] == cache
+    # The converter folds the norm scales into the projections after them (a few vectors fewer) and adds small
+    # constants of its own (RoPE tables, iotas): within a few percent of the parameters either way.
+    assert 0.98 * params < read["weight_bytes"] < 1.1 * params
+    assert 1e8 < memory_bandwidth(1, size=64 * 2**20, repeats=2) < 1e12
+
+
+def test_bench_reports_the_bandwidth_limit_and_writes_a_report(artifact, tmp_path):
+    out = CliRunner().invoke(cli, ["bench", str(artifact), "--prefill-tokens", "4,16", "--decode-tokens", "8",
+                                   "--repeats", "2", "--threads", "2", "--report", str(tmp_path / "r"), "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output[out.output.index("{"):])
+    assert result["decode_bytes_per_token"] == result["weight_bytes"] + result["kv_cache_bytes"]
+    assert result["decode_tokens_per_s_limit"] == pytest.approx(
+        result["memory_bandwidth_bytes_per_s"] / result["decode_bytes_per_token"])
+    assert result["decode_bandwidth_fraction"] == pytest.approx(
+        result["decode_tokens_per_s"] / result["decode_tokens_per_s_limit"])
+    assert json.loads((tmp_path / "r" / "bench.json").read_text())[artifact.name] == result
+    table = (tmp_path / "r" / "bench.md").read_text()
+    assert f"| {artifact.name} | litert |" in table and f"{result['decode_tokens_per_s']:,.1f}" in table
+    png = (tmp_path / "r" / "bench.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_missing_or_unusable_delegate_is_one_clear_error(artifact, tmp_path):
+    with pytest.raises(NanoError, match="delegate library .*nope.so not found"):
+        bench(artifact, delegate=str(tmp_path / "nope.so"))
+    (tmp_path / "text.so").write_text("not a library")
+    with pytest.raises(NanoError, match="cannot load .*text.so as a LiteRT external delegate: .*file too short"):
+        bench(artifact, delegate=str(tmp_path / "text.so"))
+    with pytest.raises(NanoError, match="libc.so.6 is not a LiteRT external delegate"):
+        bench(artifact, delegate="libc.so.6")
+    with pytest.raises(NanoError, match="--delegate runs through ai-edge-litert"):
+        bench(artifact, backend="litert-lm", delegate=str(tmp_path / "text.so"))
+    out = CliRunner().invoke(cli, ["bench", str(artifact), "--delegate", "/usr/lib/libedgetpu.so.1"])
+    assert out.exit_code != 0
+    assert out.output.strip().splitlines() == [
+        "Error: delegate library /usr/lib/libedgetpu.so.1 not found (install the vendor's runtime, e.g. "
+        "libedgetpu1-std for a Coral Edge TPU, and pass the path of its .so)"]
+
+
+def test_vs_gguf_without_llama_cpp_says_how_to_get_it(artifact, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    with pytest.raises(NanoError, match="needs llama.cpp's bindings: run `make peer`"):
+        bench(artifact, threads=2, prefill_tokens=(4,), decode_tokens=4, repeats=1, vs_gguf="gemma3-270m")
+    with pytest.raises(NanoError, match="--vs-gguf nope.gguf does not exist"):
+        bench(artifact, vs_gguf="nope.gguf")
+
+
+def test_vs_gguf_alternates_with_llama_cpp_and_reports_ratios(artifact, monkeypatch):
+    """llama.cpp (the `peer` extra; skipped without it) on the embedded teacher's GGUF, between our runs."""
+    pytest.importorskip("llama_cpp")
+    import bench.run as run
+
+    order, ours, peer = [], run._round_litert, run._round_gguf
+    monkeypatch.setattr(run, "_round_litert", lambda *a: order.append("litert") or ours(*a))
+    monkeypatch.setattr(run, "_round_gguf", lambda *a: order.append("llama.cpp") or peer(*a))
+    result = bench(artifact, threads=2, prefill_tokens=(4, 16), decode_tokens=8, repeats=2, vs_gguf="gemma3-270m")
+    assert order == ["litert", "llama.cpp"] * 2
+    peer = result["peer"]
+    assert peer["gguf"].endswith(".gguf") and peer["file_bytes"] > 200 * 2**20 and peer["peak_rss_bytes"] > 0
+    assert set(peer["prefill_tokens_per_s"]) == {"4", "16"} and peer["decode_tokens_per_s"] > 1
+    assert result["ratios"]["decode"] == pytest.approx(result["decode_tokens_per_s"] / peer["decode_tokens_per_s"])
+    assert result["ratios"]["prefill_16"] == pytest.approx(
+        result["prefill_tokens_per_s"]["16"] / peer["prefill_tokens_per_s"]["16"])

@@ -1,0 +1,76 @@
+"""llama.cpp on a GGUF, timed the way `nano bench` times an artifact: the peer of `nano bench --vs-gguf`.
+
+One call of `python -m bench.peer GGUF ...` is one run: load, then every prefill length on a cleared cache, then
+time to first token and decode after the first length; it prints one JSON object. `bench.run` starts it as a child
+process between its own runs: llama.cpp's OpenMP threads keep spinning after each call, and in our process they
+would steal the cores LiteRT's threads need; a child also gives llama.cpp its own peak RSS.
+
+The bindings are the `peer` extra (`make peer` builds llama-cpp-python from source without AMX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+WARMUP_TOKENS = 16  # llama-bench warms up too: the first call allocates compute buffers
+
+
+def time_gguf(path: str, *, threads: int, prefill_tokens: list[int], decode_tokens: int) -> dict:
+    from llama_cpp import Llama
+
+    context = max(prefill_tokens) + decode_tokens + 1
+    start = time.perf_counter()
+    llm = Llama(model_path=path, n_ctx=context, n_batch=max(prefill_tokens), n_ubatch=max(prefill_tokens),
+                n_threads=threads, n_threads_batch=threads, verbose=False)
+    load = time.perf_counter() - start
+    ids = np.random.default_rng(0).integers(3, llm.n_vocab(), context).tolist()
+
+    def restart():
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+
+    def next_token() -> int:  # greedy, as the LiteRT-LM engine's benchmark samples
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    llm.eval(ids[:WARMUP_TOKENS])
+    prefill = {}
+    for n in prefill_tokens:
+        restart()
+        start = time.perf_counter()
+        llm.eval(ids[:n])
+        prefill[str(n)] = n / (time.perf_counter() - start)
+    restart()
+    start = time.perf_counter()
+    llm.eval(ids[:prefill_tokens[0]])
+    token = next_token()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(decode_tokens - 1):
+        llm.eval([token])
+        token = next_token()
+    decode = (decode_tokens - 1) / (time.perf_counter() - start)
+    return {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode, "time_to_first_token_s": first,
+            "load_s": load}
+
+
+def main() -> None:
+    import resource
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("gguf")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--prefill-tokens", required=True, help="comma-separated, the first is decode's prompt")
+    parser.add_argument("--decode-tokens", type=int, required=True)
+    args = parser.parse_args()
+    result = time_gguf(args.gguf, threads=args.threads, decode_tokens=args.decode_tokens,
+                       prefill_tokens=[int(n) for n in args.prefill_tokens.split(",")])
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
