@@ -1,7 +1,8 @@
 """llama.cpp on a GGUF, timed the way `nano bench` times an artifact: the peer of `nano bench --vs-gguf`.
 
 One call of `python -m bench.peer GGUF ...` is one run: load, then every prefill length on a cleared cache, then
-time to first token and decode after the first length; it prints one JSON object. `bench.run` starts it as a child
+time to first token and decode after the first length; with --text, perplexity on it by the `nano perplexity`
+protocol (llama.cpp's token ids are ours, tested against golden data); it prints one JSON object. `bench.run` starts it as a child
 process between its own runs: llama.cpp's OpenMP threads keep spinning after each call, and in our process they
 would steal the cores LiteRT's threads need; a child also gives llama.cpp its own peak RSS.
 
@@ -57,6 +58,30 @@ def time_gguf(path: str, *, threads: int, prefill_tokens: list[int], decode_toke
             "load_s": load}
 
 
+def gguf_perplexity(path: str, text: str, *, threads: int, window: int) -> dict:
+    """Every window (BOS + window - 1 tokens) in one batch with logits at every position, scored as
+    bench.run.artifact_perplexity scores the artifact."""
+    from llama_cpp import Llama
+
+    from nano.perplexity import make_windows
+
+    llm = Llama(model_path=path, n_ctx=window, n_batch=window, n_ubatch=window, n_threads=threads,
+                n_threads_batch=threads, logits_all=True, verbose=False)
+    ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    tokens, weights = make_windows(ids, window=window, bos_id=llm.token_bos())
+    nll = []
+    for row, scored in zip(tokens, weights):
+        n = int(scored.sum())
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        llm.eval(row[:n + 1].tolist())
+        logits = np.asarray(llm.scores[:n], np.float64)
+        top = logits.max(axis=-1, keepdims=True)
+        log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
+        nll += (log_z - logits[np.arange(n), row[1:n + 1]]).tolist()
+    return {"ppl": float(np.exp(np.mean(nll))), "ppl_tokens": len(nll), "ppl_window": window}
+
+
 def main() -> None:
     import resource
 
@@ -65,9 +90,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--prefill-tokens", required=True, help="comma-separated, the first is decode's prompt")
     parser.add_argument("--decode-tokens", type=int, required=True)
+    parser.add_argument("--text", help="a text file: also its perplexity")
+    parser.add_argument("--window", type=int, default=512, help="perplexity window")
     args = parser.parse_args()
     result = time_gguf(args.gguf, threads=args.threads, decode_tokens=args.decode_tokens,
                        prefill_tokens=[int(n) for n in args.prefill_tokens.split(",")])
+    if args.text:
+        with open(args.text, encoding="utf-8") as f:
+            result.update(gguf_perplexity(args.gguf, f.read(), threads=args.threads, window=args.window))
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(result))
 

@@ -69,14 +69,18 @@ def _bars(ax, names, values, label, color, fmt):
 def _plot(table: list[dict], path: Path) -> Path:
     names = [r["name"] for r in table]
     with_ppl = any("ppl" in r for r in table)
-    fig = Figure(figsize=(12, 1.2 + 1.8 * len(table) * (2 if with_ppl else 1)))
+    fig = Figure(figsize=(12, (1.4 + 0.6 * len(table)) * (2 if with_ppl else 1)))
     axes = list(fig.subplots(2, 2).flat if with_ppl else fig.subplots(1, 3))
     size, prefill, decode = axes.pop(0), axes.pop(-2), axes.pop(-1)
     _bars(size, names, [r["file_bytes"] / 2**20 for r in table], "file size (MiB)", "tab:gray", "{:,.0f}")
     if with_ppl:
-        _bars(axes[0], names, [r.get("ppl", np.nan) for r in table], "perplexity through the file (lower is better)",
-              "tab:red", "{:.3f}")
+        values = [r.get("ppl", np.nan) for r in table]
+        _bars(axes[0], names, values, "perplexity through the file (lower is better)", "tab:red", "{:.3f}")
         axes[0].tick_params(labelleft=False)
+        if np.nanmax(values) > 20 * np.nanmin(values):  # a short demo student next to its teacher
+            axes[0].set_xscale("log")
+            axes[0].set_xlim(1, np.nanmax(values) * 5)
+            axes[0].set_xlabel("perplexity through the file (log scale, lower is better)")
     lengths = sorted({n for r in table for n in r["prefill_tokens_per_s"]}, key=int)
     height = 0.8 / len(lengths)
     y = np.arange(len(table))

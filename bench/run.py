@@ -28,6 +28,7 @@ from nano.errors import NanoError
 from nano.models import DEFAULT_TEACHER, teacher_gguf_path
 
 BACKENDS = ("litert", "litert-lm")
+PERPLEXITY_WINDOW = 512  # `nano perplexity`'s default, cut to the artifact's context
 
 
 def _section(path: Path, kind: str) -> bytes:
@@ -79,7 +80,7 @@ def open_runner(tflite: Path, *, threads: int, delegate: str | None = None):
     return DelegatedLiteRTLM(tflite, delegate=delegate, threads=threads)
 
 
-def artifact_perplexity(runner, tokenizer, text: str, *, window: int = 512) -> dict:
+def artifact_perplexity(runner, tokenizer, text: str, *, window: int = PERPLEXITY_WINDOW) -> dict:
     """The `nano perplexity` protocol through the artifact: every token fed through decode, scored on its logits."""
     from export.verify import token_nll
     from nano.perplexity import make_windows
@@ -126,8 +127,9 @@ def _round_litert_lm(path: Path, threads: int, prefill_tokens, decode_tokens: in
             "time_to_first_token_s": first.time_to_first_token_in_second, "load_s": first.init_time_in_second}
 
 
-def _round_gguf(gguf: Path, threads: int, prefill_tokens, decode_tokens: int) -> dict:
-    """One run of llama.cpp (bench.peer) in a child process."""
+def _round_gguf(gguf: Path, threads: int, prefill_tokens, decode_tokens: int, text: Path | None = None,
+                window: int = 512) -> dict:
+    """One run of llama.cpp (bench.peer) in a child process; with `text`, its perplexity too."""
     import importlib.util
     import json
     import subprocess
@@ -137,6 +139,8 @@ def _round_gguf(gguf: Path, threads: int, prefill_tokens, decode_tokens: int) ->
         raise NanoError("--vs-gguf needs llama.cpp's bindings: run `make peer` (builds llama-cpp-python, ~7 min)")
     command = [sys.executable, "-m", "bench.peer", str(gguf), "--threads", str(threads),
                "--prefill-tokens", ",".join(map(str, prefill_tokens)), "--decode-tokens", str(decode_tokens)]
+    if text is not None:
+        command += ["--text", str(text), "--window", str(window)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
@@ -190,15 +194,18 @@ def bench(artifact: str | Path, *, backend: str = "litert", threads: int | None 
     prefill_tokens = sorted(prefill_tokens)
     result = {"artifact": str(path), "backend": backend, "threads": threads, "file_bytes": path.stat().st_size,
               "decode_tokens": decode_tokens, "repeats": repeats}
-    ours, peer = [], []
+    ours, peer, peer_quality = [], [], {}
 
     def round_with_peer(run_ours) -> None:
         for r in range(repeats):
             progress(f"run {r + 1}/{repeats}: {backend}")
             ours.append(run_ours())
-            if vs_gguf is not None:
-                progress(f"run {r + 1}/{repeats}: llama.cpp")
-                peer.append(_round_gguf(Path(vs_gguf), threads, prefill_tokens, decode_tokens))
+            if vs_gguf is not None:  # the first llama.cpp run also scores the text, on the same windows
+                progress(f"run {r + 1}/{repeats}: llama.cpp" + (" (and its perplexity)" if r == 0 and text else ""))
+                figures = _round_gguf(Path(vs_gguf), threads, prefill_tokens, decode_tokens,
+                                      text=peer_text if r == 0 else None, window=window)
+                peer_quality.update({k: figures.pop(k) for k in ("ppl", "ppl_tokens", "ppl_window") if k in figures})
+                peer.append(figures)
 
     with tempfile.TemporaryDirectory() as tmp, quiet_native_stderr():
         tmp = Path(tmp)
@@ -207,6 +214,10 @@ def bench(artifact: str | Path, *, backend: str = "litert", threads: int | None 
         runner = open_runner(tflite, threads=threads, delegate=delegate)
         load = time.perf_counter() - start
         result.update(getattr(runner, "placement", {}))
+        window = min(PERPLEXITY_WINDOW, runner.max_tokens)
+        peer_text = tmp / "text.txt" if text is not None else None
+        if peer_text is not None:
+            peer_text.write_text(text, encoding="utf-8")
         longest = max(prefill_tokens) + decode_tokens + 1
         if longest > runner.max_tokens:
             raise NanoError(f"prefill {max(prefill_tokens)} + decode {decode_tokens} tokens exceed the artifact's "
@@ -216,7 +227,7 @@ def bench(artifact: str | Path, *, backend: str = "litert", threads: int | None 
             round_with_peer(lambda: {**_round_litert(runner, ids, prefill_tokens, decode_tokens), "load_s": load})
         if text is not None:
             progress("perplexity through the artifact")
-            result.update(artifact_perplexity(runner, tokenizer_of(path, model), text))
+            result.update(artifact_perplexity(runner, tokenizer_of(path, model), text, window=window))
         del runner
         if backend == "litert-lm":
             round_with_peer(lambda: _round_litert_lm(path, threads, prefill_tokens, decode_tokens, tmp))
@@ -225,7 +236,7 @@ def bench(artifact: str | Path, *, backend: str = "litert", threads: int | None 
         result.update(decode_limit(tflite, result["decode_tokens_per_s"], threads))
     if peer:
         result["peer"] = {"engine": "llama.cpp", "gguf": str(vs_gguf), "file_bytes": Path(vs_gguf).stat().st_size,
-                          **_median(peer)}
+                          **_median(peer), **peer_quality}
         result["ratios"] = ratios(result, result["peer"])
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result

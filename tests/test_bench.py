@@ -132,19 +132,31 @@ def test_vs_gguf_without_llama_cpp_says_how_to_get_it(artifact, monkeypatch):
         bench(artifact, vs_gguf="nope.gguf")
 
 
-def test_vs_gguf_alternates_with_llama_cpp_and_reports_ratios(artifact, monkeypatch):
-    """llama.cpp (the `peer` extra; skipped without it) on the embedded teacher's GGUF, between our runs."""
+def test_vs_gguf_alternates_with_llama_cpp_and_reports_ratios(artifact, monkeypatch, teacher_dir):
+    """llama.cpp (the `peer` extra; skipped without it) on the embedded teacher's GGUF, between our runs, and its
+    perplexity on the text, over the same tokens as ours would be."""
     pytest.importorskip("llama_cpp")
     import bench.run as run
+    from hf_tiny import training_text
+    from nano.tokenizer import Tokenizer
+
+    text = "\n".join(training_text())[:2000]
 
     order, ours, peer = [], run._round_litert, run._round_gguf
     monkeypatch.setattr(run, "_round_litert", lambda *a: order.append("litert") or ours(*a))
-    monkeypatch.setattr(run, "_round_gguf", lambda *a: order.append("llama.cpp") or peer(*a))
-    result = bench(artifact, threads=2, prefill_tokens=(4, 16), decode_tokens=8, repeats=2, vs_gguf="gemma3-270m")
+    monkeypatch.setattr(run, "_round_gguf", lambda *a, **k: order.append("llama.cpp") or peer(*a, **k))
+    result = bench(artifact, threads=2, prefill_tokens=(4, 16), decode_tokens=8, repeats=2, vs_gguf="gemma3-270m",
+                   text=text)
     assert order == ["litert", "llama.cpp"] * 2
     peer = result["peer"]
     assert peer["gguf"].endswith(".gguf") and peer["file_bytes"] > 200 * 2**20 and peer["peak_rss_bytes"] > 0
     assert set(peer["prefill_tokens_per_s"]) == {"4", "16"} and peer["decode_tokens_per_s"] > 1
+    assert peer["ppl_tokens"] == len(Tokenizer.load(teacher_dir / "tokenizer.model").encode(text))
+    assert peer["ppl_window"] == result["ppl_window"] == 64
+    from nano.models import load_model
+
+    teacher, tokenizer = load_model(teacher_dir)  # llama.cpp runs int8 activations: ~1% from the float model
+    assert peer["ppl"] == pytest.approx(perplexity(teacher, tokenizer, text, window=64).ppl, rel=0.03)
     assert result["ratios"]["decode"] == pytest.approx(result["decode_tokens_per_s"] / peer["decode_tokens_per_s"])
     assert result["ratios"]["prefill_16"] == pytest.approx(
         result["prefill_tokens_per_s"]["16"] / peer["prefill_tokens_per_s"]["16"])
