@@ -17,6 +17,8 @@ from bench.run import BACKENDS
 @click.option("--threads", type=int, default=None, help="CPU threads, for us and for llama.cpp (default: all).")
 @click.option("--delegate", default=None, metavar="PATH",
               help="Run through this LiteRT external delegate library (libedgetpu.so.1, a GPU delegate, ...).")
+@click.option("--delegate-option", "delegate_options", multiple=True, metavar="KEY=VALUE",
+              help="An option for the delegate (repeatable), e.g. device=usb:0 for an Edge TPU.")
 @click.option("--prefill-tokens", default="128,512", show_default=True, help="Comma-separated prompt lengths timed.")
 @click.option("--decode-tokens", default=128, show_default=True, help="Tokens decoded per run.")
 @click.option("--repeats", default=3, show_default=True, help="Runs per figure (the median is reported).")
@@ -28,7 +30,7 @@ from bench.run import BACKENDS
                    "report the ratios; needs `make peer`.")
 @click.option("--report", "report_dir", default=None, metavar="DIR", help="Write bench.md, bench.json, bench.png here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def bench_cmd(artifact, backend, threads, delegate, prefill_tokens, decode_tokens, repeats, text, model, vs_gguf,
+def bench_cmd(artifact, backend, threads, delegate, delegate_options, prefill_tokens, decode_tokens, repeats, text, model, vs_gguf,
               report_dir, as_json):
     """Time an exported ARTIFACT (.tflite or .litertlm): load, time to first token, prefill and decode tokens/s,
     peak RSS, file size, and how close decode is to the memory-bandwidth limit; with --text, perplexity through
@@ -38,7 +40,7 @@ def bench_cmd(artifact, backend, threads, delegate, prefill_tokens, decode_token
     nano bench runs/export/teacher-int4-b32.litertlm
     nano bench runs/export/teacher-int4-b32.litertlm --backend litert-lm --vs-gguf teacher.gguf --report out/
     nano bench t.tflite --model gemma3-270m --text heldout.txt --json
-    nano bench edgetpu.tflite --model M --delegate /usr/lib/libedgetpu.so.1
+    nano bench m.tflite --model M --delegate /usr/lib/libedgetpu.so.1 --delegate-option device=usb:0
     """
     from rich.console import Console
 
@@ -47,8 +49,10 @@ def bench_cmd(artifact, backend, threads, delegate, prefill_tokens, decode_token
     from nano.cli import _read_text
 
     err = Console(stderr=True)
+    _quiet_teardown()
     with err.status("benchmarking") as status:
         result = bench(artifact, backend=backend, threads=threads, delegate=delegate,
+                       delegate_options=_options(delegate_options),
                        prefill_tokens=parse_lengths(prefill_tokens), decode_tokens=decode_tokens, repeats=repeats,
                        text=_read_text(text) if text else None, model=model, vs_gguf=vs_gguf,
                        progress=lambda message: status.update(f"benchmarking: {message}"))
@@ -61,6 +65,30 @@ def bench_cmd(artifact, backend, threads, delegate, prefill_tokens, decode_token
         click.echo(json.dumps(result, indent=2))
         return
     Console().print(_table(result))
+
+
+def _options(pairs: tuple[str, ...]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--delegate-option")
+        options[key] = value
+    return options
+
+
+def _quiet_teardown() -> None:
+    """LiteRT logs on stderr every accelerator it destroys when the process exits, after our output: noise. Python's
+    exit handlers run before that teardown, and errors are reported before them."""
+    import atexit
+    import os
+    import sys
+
+    def silence():
+        sys.stderr.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+    atexit.register(silence)
 
 
 def _table(result: dict):

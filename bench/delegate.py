@@ -18,7 +18,7 @@ from export.runtime import LiteRTLM
 from nano.errors import NanoError
 
 
-def load_delegate(library: str):
+def load_delegate(library: str, options: dict[str, str] | None = None):
     """The delegate, or one clear line on why it cannot be loaded. The library is opened with ctypes first:
     ai-edge-litert's load_delegate turns only a failed create into a clean error (a missing file, a non-ELF file or
     a library without the delegate entry point escape as OSError/AttributeError and a noisy __del__)."""
@@ -37,7 +37,7 @@ def load_delegate(library: str):
     if not hasattr(handle, "tflite_plugin_create_delegate"):
         raise NanoError(f"{library} is not a LiteRT external delegate (it has no tflite_plugin_create_delegate)")
     try:
-        return load(target)
+        return load(target, options or {})
     except ValueError as e:  # the library's create refused: for an Edge TPU, typically no device attached
         reason = str(e).partition("\n")[2].strip() or "no reason given; is the device attached?"
         raise NanoError(f"delegate {library} refused to start: {reason}") from None
@@ -64,10 +64,11 @@ def delegated_nodes(interpreter) -> dict:
 
 
 class DelegatedLiteRTLM(LiteRTLM):
-    def __init__(self, path: str | Path, *, delegate: str, threads: int | None = None):
+    def __init__(self, path: str | Path, *, delegate: str, options: dict[str, str] | None = None,
+                 threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
-        loaded = load_delegate(delegate)
+        loaded = load_delegate(delegate, options)
         try:
             self.interpreter = Interpreter(model_path=str(path), experimental_delegates=[loaded],
                                            num_threads=threads)

@@ -69,7 +69,7 @@ def tokenizer_of(path: Path, model: str | None):
     raise NanoError("a bare .tflite carries no tokenizer: pass --model (the model it was exported from)")
 
 
-def open_runner(tflite: Path, *, threads: int, delegate: str | None = None):
+def open_runner(tflite: Path, *, threads: int, delegate: str | None = None, delegate_options: dict | None = None):
     """The Python runner for a .tflite: on the CPU (XNNPACK, caches in place), or through an external delegate."""
     if delegate is None:
         from export.runtime import LiteRTLM
@@ -77,7 +77,7 @@ def open_runner(tflite: Path, *, threads: int, delegate: str | None = None):
         return LiteRTLM(tflite, threads=threads)
     from bench.delegate import DelegatedLiteRTLM
 
-    return DelegatedLiteRTLM(tflite, delegate=delegate, threads=threads)
+    return DelegatedLiteRTLM(tflite, delegate=delegate, options=delegate_options, threads=threads)
 
 
 def artifact_perplexity(runner, tokenizer, text: str, *, window: int = PERPLEXITY_WINDOW) -> dict:
@@ -164,6 +164,7 @@ def ratios(ours: dict, peer: dict) -> dict:
 
 
 def bench(artifact: str | Path, *, backend: str = "litert", threads: int | None = None, delegate: str | None = None,
+          delegate_options: dict[str, str] | None = None,
           prefill_tokens: tuple[int, ...] = (128, 512), decode_tokens: int = 128, repeats: int = 3,
           text: str | None = None, model: str | None = None, vs_gguf: str | None = None,
           progress=lambda message: None) -> dict:
@@ -211,7 +212,7 @@ def bench(artifact: str | Path, *, backend: str = "litert", threads: int | None 
         tmp = Path(tmp)
         tflite = tflite_of(path, tmp)
         start = time.perf_counter()
-        runner = open_runner(tflite, threads=threads, delegate=delegate)
+        runner = open_runner(tflite, threads=threads, delegate=delegate, delegate_options=delegate_options)
         load = time.perf_counter() - start
         result.update(getattr(runner, "placement", {}))
         window = min(PERPLEXITY_WINDOW, runner.max_tokens)

@@ -119,6 +119,8 @@ def test_missing_or_unusable_delegate_is_one_clear_error(artifact, tmp_path):
     assert out.output.strip().splitlines() == [
         "Error: delegate library /usr/lib/libedgetpu.so.1 not found (install the vendor's runtime, e.g. "
         "libedgetpu1-std for a Coral Edge TPU, and pass the path of its .so)"]
+    out = CliRunner().invoke(cli, ["bench", str(artifact), "--delegate", "x.so", "--delegate-option", "usb:0"])
+    assert out.exit_code != 0 and "expected KEY=VALUE, got 'usb:0'" in out.output
 
 
 def test_vs_gguf_without_llama_cpp_says_how_to_get_it(artifact, monkeypatch):
@@ -160,3 +162,53 @@ def test_vs_gguf_alternates_with_llama_cpp_and_reports_ratios(artifact, monkeypa
     assert result["ratios"]["decode"] == pytest.approx(result["decode_tokens_per_s"] / peer["decode_tokens_per_s"])
     assert result["ratios"]["prefill_16"] == pytest.approx(
         result["prefill_tokens_per_s"]["16"] / peer["prefill_tokens_per_s"]["16"])
+
+
+@pytest.fixture(scope="module")
+def proxy_delegate(tmp_path_factory):
+    """tests/delegate/proxy_delegate.c built here: a real external delegate (skipped without a C compiler)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the test delegate")
+    out = tmp_path_factory.mktemp("delegate") / "libproxy_delegate.so"
+    source = Path(__file__).parent / "delegate" / "proxy_delegate.c"
+    subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(out), str(source)], check=True)
+    return out
+
+
+def _first_signature_ops(tflite) -> list[int]:
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(tflite.read_bytes(), 0)
+    graph = model.Subgraphs(0)
+    codes = [model.OperatorCodes(graph.Operators(i).OpcodeIndex()) for i in range(graph.OperatorsLength())]
+    return [max(c.BuiltinCode(), c.DeprecatedBuiltinCode()) for c in codes]
+
+
+def test_bench_through_an_external_delegate(artifact, proxy_delegate, tmp_path):
+    """The delegate takes exactly the operations it claims (FULLY_CONNECTED here) of the first signature, prefill
+    and decode run through it, and perplexity through it is the CPU's."""
+    from ai_edge_litert import schema_py_generated as schema
+    from hf_tiny import training_text
+
+    from bench.run import tflite_of
+
+    fully_connected = schema.BuiltinOperator.FULLY_CONNECTED
+    ops = _first_signature_ops(tflite_of(artifact, tmp_path))
+    text = "\n".join(training_text())[:1500]
+    figures = dict(threads=2, prefill_tokens=(4, 16), decode_tokens=8, repeats=1, text=text)
+    cpu = bench(artifact, **figures)
+    through = bench(artifact, delegate=str(proxy_delegate), delegate_options={"ops": str(fully_connected)}, **figures)
+    assert through["nodes"] == len(ops) and through["delegated_nodes"] == ops.count(fully_connected) > 0
+    assert through["decode_tokens_per_s"] > 0 and set(through["prefill_tokens_per_s"]) == {"4", "16"}
+    assert through["ppl"] == pytest.approx(cpu["ppl"], rel=1e-3) and through["ppl_tokens"] == cpu["ppl_tokens"]
+    with pytest.raises(NanoError, match="took none of the .* operations of .*the model cannot run there"):
+        bench(artifact, delegate=str(proxy_delegate), delegate_options={"ops": "none"}, **figures)
+    with pytest.raises(NanoError, match="refused to start: proxy delegate: cannot create"):
+        bench(artifact, delegate=str(proxy_delegate), delegate_options={"fail_create": "1"}, **figures)
+    with pytest.raises(NanoError, match="failed on model.tflite: .*proxy delegate: refusing"):
+        bench(artifact, delegate=str(proxy_delegate), delegate_options={"fail_prepare": "1"}, **figures)
