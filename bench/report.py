@@ -91,7 +91,7 @@ def _plot(table: list[dict], path: Path) -> Path:
     prefill.set_yticks(y + height * (len(lengths) - 1) / 2, names if with_ppl else [])
     prefill.set_xlim(0, max(max(r["prefill_tokens_per_s"].values()) for r in table) * 1.3)
     prefill.set_xlabel("prefill (tokens/s)")
-    prefill.legend(fontsize=8, loc="lower right")
+    prefill.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1, 1), ncol=len(lengths), frameon=False)
     prefill.invert_yaxis()
     prefill.grid(axis="x", alpha=0.3)
     _bars(decode, names, [r["decode_tokens_per_s"] for r in table], "decode (tokens/s); black: bandwidth limit",
