@@ -47,9 +47,10 @@ demo: install peer
 	$(BIN)/nano-export $(DEMO_DIR)/distill/final --out $(DEMO_DIR)/student-float32.litertlm
 	$(BIN)/nano-export $(DEMO_DIR)/student-int4 --out $(DEMO_DIR)/student-int4.litertlm
 	$(BIN)/nano-export $(DEMO_DIR)/teacher-int4 --out $(DEMO_DIR)/teacher-int4.litertlm
-	$(BIN)/nano bench $(DEMO_DIR)/teacher-int4.litertlm $(DEMO_BENCH) --vs-gguf gemma3-270m > $(DEMO_DIR)/teacher-int4.json
-	$(foreach s,student-float32 student-int4,\
-	  $(BIN)/nano bench $(DEMO_DIR)/$(s).litertlm $(DEMO_BENCH) > $(DEMO_DIR)/$(s).json &&) true
+	$(BIN)/nano bench $(DEMO_DIR)/teacher-int4.litertlm $(DEMO_BENCH) --vs-gguf gemma3-270m > $(DEMO_DIR)/.t.json \
+	  && mv $(DEMO_DIR)/.t.json $(DEMO_DIR)/teacher-int4.json
+	$(foreach s,student-float32 student-int4,$(BIN)/nano bench $(DEMO_DIR)/$(s).litertlm $(DEMO_BENCH) \
+	  > $(DEMO_DIR)/.s.json && mv $(DEMO_DIR)/.s.json $(DEMO_DIR)/$(s).json &&) true
 	$(BIN)/python -m bench.report $(foreach s,teacher-int4 student-float32 student-int4,$(s)=$(DEMO_DIR)/$(s).json) \
 	  --out $(DEMO_DIR)/report
 	cat $(DEMO_DIR)/report/bench.md
