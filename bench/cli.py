@@ -45,11 +45,12 @@ def bench_cmd(artifact, backend, threads, delegate, delegate_options, prefill_to
     from rich.console import Console
 
     from bench.run import bench
+    from export.runtime import quiet_native_teardown
     from export.settings import parse_lengths
     from nano.cli import _read_text
 
     err = Console(stderr=True)
-    _quiet_teardown()
+    quiet_native_teardown()
     with err.status("benchmarking") as status:
         result = bench(artifact, backend=backend, threads=threads, delegate=delegate,
                        delegate_options=_options(delegate_options),
@@ -75,20 +76,6 @@ def _options(pairs: tuple[str, ...]) -> dict[str, str]:
             raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--delegate-option")
         options[key] = value
     return options
-
-
-def _quiet_teardown() -> None:
-    """LiteRT logs on stderr every accelerator it destroys when the process exits, after our output: noise. Python's
-    exit handlers run before that teardown, and errors are reported before them."""
-    import atexit
-    import os
-    import sys
-
-    def silence():
-        sys.stderr.flush()
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-
-    atexit.register(silence)
 
 
 def _table(result: dict):

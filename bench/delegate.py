@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.graph import DECODE, INPUT_POS, K_CACHE, LOGITS, TOKENS, V_CACHE
+from export.graph import DECODE, INPUT_POS, LOGITS, TOKENS
 from export.runtime import LiteRTLM
 from nano.errors import NanoError
 
@@ -81,17 +81,8 @@ class DelegatedLiteRTLM(LiteRTLM):
                             "int8 models compiled by edgetpu_compiler)")
         self._runners = {sig: self.interpreter.get_signature_runner(sig)
                          for sig in self.interpreter.get_signature_list()}
-        self._setup_from_details(path)
-
-    def _setup_from_details(self, path) -> None:
-        signatures = self.interpreter.get_signature_list()
-        if DECODE not in signatures:
-            raise ValueError(f"{path} has no '{DECODE}' signature (it has {sorted(signatures)})")
-        self.prefill_lengths = sorted(int(n.split("_", 1)[1]) for n in signatures if n.startswith("prefill_"))
-        inputs = self._runners[DECODE].get_input_details()
-        self.cache_shapes = {n: tuple(d["shape"]) for n, d in inputs.items() if n.startswith((K_CACHE, V_CACHE))}
-        self.max_tokens = max(s[2] for s in self.cache_shapes.values())
-        self.vocab_size = int(self._runners[DECODE].get_output_details()[LOGITS]["shape"][-1])
+        self._read_layout(path, self._runners, lambda: (self._runners[DECODE].get_input_details(),
+                                                        self._runners[DECODE].get_output_details()))
         self.cache = {n: np.zeros(shape, np.float32) for n, shape in self.cache_shapes.items()}
 
     def _run(self, signature: str, tokens: np.ndarray, positions: np.ndarray, outputs: dict) -> dict:

@@ -63,6 +63,7 @@ def gguf_perplexity(path: str, text: str, *, threads: int, window: int) -> dict:
     bench.run.artifact_perplexity scores the artifact."""
     from llama_cpp import Llama
 
+    from export.verify import token_nll
     from nano.perplexity import make_windows
 
     llm = Llama(model_path=path, n_ctx=window, n_batch=window, n_ubatch=window, n_threads=threads,
@@ -75,10 +76,7 @@ def gguf_perplexity(path: str, text: str, *, threads: int, window: int) -> dict:
         llm.reset()
         llm._ctx.kv_cache_clear()
         llm.eval(row[:n + 1].tolist())
-        logits = np.asarray(llm.scores[:n], np.float64)
-        top = logits.max(axis=-1, keepdims=True)
-        log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
-        nll += (log_z - logits[np.arange(n), row[1:n + 1]]).tolist()
+        nll += [token_nll(llm.scores[p], int(row[p + 1])) for p in range(n)]
     return {"ppl": float(np.exp(np.mean(nll))), "ppl_tokens": len(nll), "ppl_window": window}
 
 

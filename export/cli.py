@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import atexit
 import json
-import os
 
 import click
 
@@ -49,7 +47,9 @@ def export_cmd(model, out, quant, prefill_lengths, max_tokens, no_verify, random
     the JAX model (float32: |Δlogit| ≤ 1e-3; int8/int4/fp16: perplexity within 2%); otherwise nothing is written.
     """
     from export.run import export
+    from export.runtime import quiet_native_teardown
 
+    quiet_native_teardown()  # under `nano export` as under `nano-export`
     settings = ExportSettings(quant=quant, prefill_lengths=parse_lengths(prefill_lengths), max_tokens=max_tokens,
                               verify=not no_verify, random_init=random_init, threads=threads)
     result = export(model, out, settings, force=force)
@@ -81,7 +81,4 @@ def _print_table(result: dict) -> None:
 
 
 def main() -> None:
-    # LiteRT's native destructors log every accelerator they tear down on stderr after Python has finished: by
-    # then everything worth reading has been printed, so stderr is closed to them.
-    atexit.register(lambda: os.dup2(os.open(os.devnull, os.O_WRONLY), 2))
     export_cmd(prog_name="nano-export")

@@ -31,6 +31,19 @@ def quiet_native_stderr():
         os.close(saved)
 
 
+def quiet_native_teardown() -> None:
+    """LiteRT's native destructors log every accelerator they tear down on stderr when the process exits, after
+    Python's exit handlers and so after everything worth reading (errors included) has been printed: from then on,
+    stderr is closed to them. Called by the commands that load LiteRT."""
+    import atexit
+
+    def silence():
+        sys.stderr.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+    atexit.register(silence)
+
+
 class LiteRTLM:
     def __init__(self, path: str | Path, *, threads: int | None = None):
         from ai_edge_litert.compiled_model import CompiledModel
@@ -41,23 +54,27 @@ class LiteRTLM:
                           cpu_options=CpuOptions(num_threads=threads or os.cpu_count() or 1))
         with quiet_native_stderr():
             self.model = CompiledModel.from_file(str(path), options=options)
-        self._setup(path)
-
-    def _setup(self, path) -> None:
         signatures = self.model.get_signature_list()
-        if DECODE not in signatures:
-            raise ValueError(f"{path} has no '{DECODE}' signature (it has {sorted(signatures)})")
-        self.prefill_lengths = sorted(int(n.split("_", 1)[1]) for n in signatures if n.startswith("prefill_"))
-        inputs = self.model.get_input_tensor_details(DECODE)
-        self.cache_shapes = {n: tuple(d["shape"]) for n, d in inputs.items() if n.startswith((K_CACHE, V_CACHE))}
-        self.max_tokens = max(s[2] for s in self.cache_shapes.values())
-        self.vocab_size = self.model.get_output_tensor_details(DECODE)[LOGITS]["shape"][-1]
+        self._read_layout(path, signatures, lambda: (self.model.get_input_tensor_details(DECODE),
+                                                     self.model.get_output_tensor_details(DECODE)))
         self.cache = {n: self.model.create_input_buffer_by_name(DECODE, n) for n in self.cache_shapes}
         for name, buffer in self.cache.items():  # masked slots are multiplied by 0: they must not hold NaN
             buffer.write(np.zeros(self.cache_shapes[name], np.float32))
         self._io = {sig: {TOKENS: self.model.create_input_buffer_by_name(sig, TOKENS),
                           INPUT_POS: self.model.create_input_buffer_by_name(sig, INPUT_POS)} for sig in signatures}
         self._logits = self.model.create_output_buffer_by_name(DECODE, LOGITS)
+
+    def _read_layout(self, path, signatures, decode_details) -> None:
+        """Prefill lengths, cache shapes, context and vocabulary, from the signature names and decode_details(),
+        decode's (input, output) details (name → {"shape": ...}, as either LiteRT API gives them)."""
+        if DECODE not in signatures:
+            raise ValueError(f"{path} has no '{DECODE}' signature (it has {sorted(signatures)})")
+        decode_inputs, decode_outputs = decode_details()
+        self.prefill_lengths = sorted(int(n.split("_", 1)[1]) for n in signatures if n.startswith("prefill_"))
+        self.cache_shapes = {n: tuple(d["shape"]) for n, d in decode_inputs.items()
+                             if n.startswith((K_CACHE, V_CACHE))}
+        self.max_tokens = max(s[2] for s in self.cache_shapes.values())
+        self.vocab_size = int(decode_outputs[LOGITS]["shape"][-1])
 
     def _run(self, signature: str, tokens: np.ndarray, positions: np.ndarray, outputs: dict) -> None:
         io = self._io[signature]
