@@ -15,7 +15,7 @@ DISTILL_DATA = --teacher gemma3-270m --data stdlib --steps $(DISTILL_STEPS) --ba
   --teacher-dtype bfloat16
 DISTILL_RUN = --student nano-micro --eval-every 10 --eval-batches 2 $(foreach f,$(OUTSIDE_TEXT),--eval-text $(f))
 
-.PHONY: install test test-slow demo peer distill quantize export clean
+.PHONY: install test test-slow demo peer distill quantize export nano-sizes clean
 
 install: $(STAMP)
 
@@ -92,6 +92,11 @@ export: install
 	$(BIN)/nano-export gemma3-270m --out $(EXPORT_DIR)/teacher-float32.litertlm --force
 	$(BIN)/nano quantize gemma3-270m --method gptq --block-size 32 --no-eval --out $(EXPORT_DIR)/gptq-b32 --force
 	$(BIN)/nano-export $(EXPORT_DIR)/gptq-b32 --out $(EXPORT_DIR)/teacher-int4-b32.litertlm --force
+
+# The Nano sizes (random weights: no checkpoint exists) as int4-b32 bundles, verified, within this machine's RAM.
+nano-sizes: install
+	$(BIN)/nano-export nano-1 --random-init --quant int4-b32 --out $(EXPORT_DIR)/nano-1-int4-b32.litertlm --force
+	$(BIN)/nano-export nano-2 --random-init --quant int4-b32 --out $(EXPORT_DIR)/nano-2-int4-b32.litertlm --force
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

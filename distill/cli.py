@@ -31,6 +31,9 @@ def _data_options(f):
                      help="Teacher tokens kept per position (renormalised over them)."),
         click.option("--sample-mode", type=click.Choice(["sample", "top"]), default=_D.sample_mode,
                      show_default=True, help="The k tokens: drawn by teacher probability, or the k largest."),
+        click.option("--random-teacher", is_flag=True,
+                     help="--teacher is a preset (e.g. gemma3-4b, gemma3-12b) initialised with random weights, "
+                          "sharded on the mesh: throughput runs of a teacher whose checkpoint you do not have."),
         click.option("--teacher-dtype", type=click.Choice(["float32", "bfloat16"]), default=_D.teacher_dtype,
                      show_default=True),
         click.option("--seed", default=_D.seed, show_default=True, help="Data order, initialisation, sampling."),
@@ -72,6 +75,9 @@ def _distributed(coordinator, num_processes, process_id):
 @click.option("--mesh", help="Device mesh, e.g. data=2,fsdp=4 (default: data parallel over all devices).")
 @click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default=_D.compute_dtype,
               show_default=True, help="bfloat16 computes over float32 master weights.")
+@click.option("--remat", type=click.Choice(["none", "dots", "block"]), default=_D.remat, show_default=True,
+              help="Rematerialisation: recompute in the backward pass instead of keeping activations. 'dots' keeps "
+                   "matmul outputs; 'block' keeps only each block's input (the Nano sizes need it; see `nano plan`).")
 @click.option("--qat", default=None, metavar="SCHEME",
               help="Quantization-aware training: the forward pass rounds weights to SCHEME (int4-b32, int4-b128, "
                    "int4-channel; embedding int8) with straight-through gradients; also writes RUN/final-SCHEME. "
@@ -134,3 +140,86 @@ def cache_teacher_cmd(out, **kwargs):
     info = run_cache_teacher(_settings(**kwargs), out)
     click.echo(f"{info.directory}: {info.steps} steps, {info.tokens:,} tokens, {info.bytes / 2**20:,.0f} MiB "
                f"({info.computed} computed in {info.seconds:.0f} s)")
+
+
+@click.command("plan", context_settings={"max_content_width": 110})
+@click.argument("student")
+@click.option("--devices", default=1, show_default=True, help="Devices the run shards over.")
+@click.option("--memory", "memory_gib", type=float, default=80.0, show_default=True,
+              help="Memory per device, GiB (an H100 has 80; a CPU host, its RAM).")
+@click.option("--teacher", help="Teacher preset or model directory (default: none, e.g. --loss ce or a cache).")
+@click.option("--batch-size", default=_D.batch_size, show_default=True, help="Sequences per micro-batch (global).")
+@click.option("--seq-len", default=_D.seq_len, show_default=True)
+@click.option("--mesh", help="As `nano distill --mesh` (default: data parallel over --devices).")
+@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default=_D.compute_dtype,
+              show_default=True)
+@click.option("--teacher-dtype", type=click.Choice(["float32", "bfloat16"]), default=_D.teacher_dtype,
+              show_default=True)
+@click.option("--remat", type=click.Choice(["none", "dots", "block"]), default=_D.remat, show_default=True)
+@click.option("--top-k", default=_D.top_k, show_default=True)
+@click.option("--on-policy", is_flag=True, help="Count the KV cache of the student sampling its own sequences.")
+@click.option("--measure", is_flag=True,
+              help="Also compile the real train step and teacher scoring for --devices devices (this machine's "
+                   "accelerators, or that many fake CPU devices) and print XLA's memory beside the estimate.")
+@click.option("--json", "as_json", is_flag=True)
+def plan_cmd(student, devices, memory_gib, teacher, as_json, measure, **kwargs):
+    """Per-device memory of a `nano distill` run of STUDENT (preset or model directory), before running it:
+    parameters, gradients and optimizer (float32, sharded by the partition rules), activations (what autodiff
+    keeps under --remat), the teacher (weights and forward pass) and the on-policy KV cache; and whether it fits.
+
+    \b
+    nano plan nano-1 --devices 8 --memory 80 --teacher gemma3-12b --mesh fsdp=8 --remat block
+    nano plan nano-micro --devices 2 --teacher gemma3-270m --measure     # checks the estimate with XLA
+    """
+    import os
+
+    if measure and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # Before JAX starts: on a machine without accelerators, --devices fake CPU devices to compile for.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={devices}").strip()
+    from distill.plan import GiB, PlanSettings, estimate
+    from distill.plan import measure as measure_memory
+    from nano.models import resolve_config
+
+    settings = PlanSettings(devices=devices, memory_gib=memory_gib, **kwargs)
+    student_config = resolve_config(student)
+    teacher_config = resolve_config(teacher) if teacher else None
+    result = {"student": student, "teacher": teacher, "settings": dict(settings.__dict__),
+              "estimate": estimate(student_config, teacher_config, settings)}
+    if measure:
+        result["measured"] = measure_memory(student_config, teacher_config, settings)
+        result["estimate_over_measured"] = result["estimate"]["total"] / result["measured"]["total"]
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    _print_plan(result, GiB)
+
+
+def _print_plan(result: dict, gib: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    est, s = result["estimate"], result["settings"]
+    mesh = ", ".join(f"{a}={n}" for a, n in est["mesh"].items() if n > 1) or "one device"
+    table = Table(title=f"nano plan {result['student']}: {s['devices']} device(s) ({mesh}), "
+                        f"{est['local_batch']} × {s['seq_len']} tokens per device, remat {s['remat']}")
+    table.add_column("per device")
+    table.add_column("GiB", justify="right")
+    table.add_column("")
+    notes = {"parameters": "float32 masters", "gradients": "float32, within the step",
+             "optimizer": "AdamW moments", "activations": f"{s['compute_dtype']}, kept for backward + working set",
+             "teacher": (f"{result['teacher']}: {est['teacher_params'] / gib:.2f} weights ({s['teacher_dtype']}) "
+                         f"+ forward" if result["teacher"] else "none"),
+             "kv_cache": "on-policy sampling" if s["on_policy"] else "(with --on-policy)"}
+    for part, value in est["parts"].items():
+        table.add_row(part.replace("_", " "), f"{value / gib:.2f}", notes[part])
+    table.add_row("peak", f"{est['total'] / gib:.2f}", "resident + the largest of step / teacher / sampling",
+                  style="bold")
+    if "measured" in result:
+        table.add_row("XLA, compiled", f"{result['measured']['total'] / gib:.2f}",
+                      f"estimate / measured {result['estimate_over_measured']:.2f}")
+    console = Console()
+    console.print(table)
+    verdict = "[green]fits[/]" if est["fits"] else "[red]does not fit[/]"
+    console.print(f"{verdict} in {s['memory_gib']:g} GiB per device "
+                  f"({est['total'] / est['memory']:.0%} of it)")

@@ -75,6 +75,43 @@ def sparse_from_logits(teacher_logits: jax.Array, k: int = 256, *, mode: str = "
     return SparseTeacher(ids=ids.astype(jnp.int32), logprobs=jnp.take_along_axis(logits, ids, axis=-1) - lse)
 
 
+def sparse_from_hidden(hidden: jax.Array, head_fn, embedding, k: int = 256, *, mode: str = "sample",
+                       key: jax.Array | None = None, vocab_chunk: int = 16384) -> SparseTeacher:
+    """`sparse_from_logits(head_fn(hidden, embedding), ...)` without the [B, T, V] logits (34 GB for 8 × 1024
+    tokens of a 262k vocabulary in float32, four times over in the sampling): the vocabulary in chunks, a running
+    logsumexp, and the k best scores so far merged with each chunk's (the top k of a union are the top k of the
+    parts' top k; earlier chunks win ties, as lower ids do in one top_k). `head_fn(hidden, rows)` gives the logits
+    of vocabulary rows (e.g. `model.head`); `embedding` may be a QuantizedWeight. Memory: [B, T, k + vocab_chunk]."""
+    vocab = embedding.shape[0]
+    if vocab % vocab_chunk or vocab_chunk <= k:
+        return sparse_from_logits(head_fn(hidden, embedding), k, mode=mode, key=key)
+    if mode not in ("sample", "top"):
+        raise ValueError(f"mode must be 'sample' or 'top', got {mode!r}")
+    if mode == "sample" and key is None:
+        raise ValueError("mode='sample' needs a PRNG key")
+    lead = hidden.shape[:-1]
+    neg = jnp.full((*lead, k), -jnp.inf, jnp.float32)
+    carry = (jnp.full((*lead, 1), -jnp.inf, jnp.float32), jnp.zeros((*lead, 1), jnp.float32),
+             neg, jnp.zeros((*lead, k), jnp.int32), neg)
+
+    def step(carry, start):
+        high, total, best, best_ids, best_logits = carry
+        rows = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, vocab_chunk, axis=0), embedding)
+        logits = head_fn(hidden, rows).astype(jnp.float32)
+        new_high = jnp.maximum(high, logits.max(axis=-1, keepdims=True))
+        total = total * jnp.exp(high - new_high) + jnp.exp(logits - new_high).sum(axis=-1, keepdims=True)
+        scores = logits if mode == "top" else logits + _gumbel(key, logits.shape, start)
+        ids = jnp.broadcast_to(start + jnp.arange(vocab_chunk, dtype=jnp.int32), logits.shape)
+        best, pick = jax.lax.top_k(jnp.concatenate([best, scores], axis=-1), k)
+        best_ids = jnp.take_along_axis(jnp.concatenate([best_ids, ids], axis=-1), pick, axis=-1)
+        best_logits = jnp.take_along_axis(jnp.concatenate([best_logits, logits], axis=-1), pick, axis=-1)
+        return (new_high, total, best, best_ids, best_logits), None
+
+    starts = jnp.arange(vocab // vocab_chunk, dtype=jnp.int32) * vocab_chunk
+    (high, total, _, ids, logits), _ = jax.lax.scan(step, carry, starts)
+    return SparseTeacher(ids=ids, logprobs=logits - (high + jnp.log(total)))
+
+
 def _hash32(x: jax.Array) -> jax.Array:
     """lowbias32 (C. Wellons): a cheap, well-mixed uint32 → uint32 bijection."""
     x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
@@ -82,13 +119,14 @@ def _hash32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def _gumbel(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def _gumbel(key: jax.Array, shape: tuple[int, ...], start: jax.Array | int = 0) -> jax.Array:
     """Standard Gumbel noise from a counter hash. jax.random's threefry costs ~7 s per 2048 × 262,144 draws on two
-    CPU cores (more than the teacher's forward pass); hashing (row, column) with a seed from `key` costs ~1 s."""
+    CPU cores (more than the teacher's forward pass); hashing (row, column) with a seed from `key` costs ~1 s.
+    The last axis holds columns start, start + 1, ...: a vocabulary chunk gets the noise of its own ids."""
     rows = math.prod(shape[:-1])
     seed = jax.random.bits(key, (), jnp.uint32)
     row = _hash32(jnp.arange(rows, dtype=jnp.uint32) ^ _hash32(seed))[:, None]  # a distinct stream per position
-    col = jnp.arange(shape[-1], dtype=jnp.uint32)[None, :]
+    col = (jnp.arange(shape[-1], dtype=jnp.uint32) + jnp.asarray(start, jnp.uint32))[None, :]
     bits = _hash32(col * jnp.uint32(0x9E3779B9) + row)
     u = ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), never 0 or 1
     return (-jnp.log(-jnp.log(u))).reshape(shape)

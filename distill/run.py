@@ -27,21 +27,25 @@ from distill.loop import EVAL_FILE, METRICS_FILE, LoopConfig, train
 from distill.mfu import forward_flops_per_token, measure_peak_flops, train_flops_per_token
 from distill.report import plot_run, read_jsonl
 from distill.settings import DistillSettings, qat_block_size
-from distill.teacher import OnlineTeacher, make_loss
+from distill.sharding import make_mesh
+from distill.teacher import OnlineTeacher, make_loss, random_teacher
 from distill.teacher_cache import CachedTeacher, cache_teacher, held_steps
 from distill.train import OptimConfig, fake_quantizer, model_graphdef
-from nano.checkpoint import param_shapes, save_model
+from nano.checkpoint import TOKENIZER_FILE, param_shapes, save_model
+from nano.config import GEMMA3_270M
 from nano.errors import NanoError
-from nano.models import load_model
+from nano.models import embedded_teacher_dir, load_model, resolve_config
 from nano.perplexity import perplexity
 from nano.quant import tensor_specs
+from nano.tokenizer import Tokenizer
 from nano.ui import console, status
 
 RUN_FILE, REPORT_FILE, FINAL_DIR = "run.json", "report.json", "final"
 
 
 # Settings a resumed run may change: they do not alter the trajectory.
-_RESUMABLE_CHANGES = {"eval_text", "eval_every", "eval_batches", "checkpoint_every", "teacher_cache", "mesh"}
+_RESUMABLE_CHANGES = {"eval_text", "eval_every", "eval_batches", "checkpoint_every", "teacher_cache", "mesh",
+                      "remat"}  # remat recomputes the same values: a run may resume with another policy
 
 
 def _check_run_dir(run_dir: Path, settings: DistillSettings, resume: bool) -> None:
@@ -76,18 +80,34 @@ def run_cache_teacher(settings: DistillSettings, out: str | Path):
     """`nano distill cache-teacher`: the teacher's sparse distribution for the first `steps` steps of a run with
     these data settings, written to `out` (resumable)."""
     settings.check()
-    teacher, tokenizer = load_model(settings.teacher, dtype=getattr(jnp, settings.teacher_dtype))
+    teacher, tokenizer = _load_teacher(settings)
     datasets = _data(settings, tokenizer)
-    online = OnlineTeacher(teacher, k=settings.top_k, mode=settings.sample_mode, seed=settings.seed)
+    online = OnlineTeacher(teacher, k=settings.top_k, mode=settings.sample_mode, seed=settings.seed,
+                           mesh=make_mesh(settings.mesh), vocab_chunk=settings.vocab_chunk)
     return cache_teacher(out, datasets, online, steps=settings.steps, grad_accum=settings.grad_accum,
                          meta=_teacher_meta(settings, teacher.config))
+
+
+def _load_teacher(settings: DistillSettings):
+    """(teacher, tokenizer): a model directory loaded in the teacher dtype, or with --random-teacher a preset
+    initialised with random weights, sharded on the mesh from the start."""
+    dtype = getattr(jnp, settings.teacher_dtype)
+    if not settings.random_teacher:
+        return load_model(settings.teacher, dtype=dtype)
+    config = resolve_config(settings.teacher)
+    if config.vocab_size != GEMMA3_270M.vocab_size:
+        raise NanoError(f"--random-teacher needs a preset with the embedded tokenizer's {GEMMA3_270M.vocab_size:,} "
+                        f"pieces; {settings.teacher} has {config.vocab_size:,}")
+    tokenizer = Tokenizer.load(embedded_teacher_dir() / TOKENIZER_FILE)
+    return random_teacher(config, dtype=dtype, mesh=make_mesh(settings.mesh), seed=settings.seed), tokenizer
 
 
 def _prepare_fn(settings, teacher, datasets, config):
     """The loop's prepare(batch, step, params): on-policy samples, then the teacher's sparse distribution."""
     if settings.loss == "ce":
         return None
-    online = OnlineTeacher(teacher, k=settings.top_k, mode=settings.sample_mode, seed=settings.seed)
+    online = OnlineTeacher(teacher, k=settings.top_k, mode=settings.sample_mode, seed=settings.seed,
+                           mesh=make_mesh(settings.mesh), vocab_chunk=settings.vocab_chunk)
     scorer = online
     if settings.teacher_cache:
         scorer = CachedTeacher(settings.teacher_cache, datasets=datasets, grad_accum=settings.grad_accum,
@@ -129,8 +149,8 @@ def distill(settings: DistillSettings, run_dir: str | Path, *, resume: bool = Fa
         raise NanoError(f"--teacher-cache {settings.teacher_cache} is not a teacher cache (no manifest.json); "
                         f"make one with `nano distill cache-teacher`")
     started = time.perf_counter()
-    with status(f"loading the teacher {settings.teacher}"):
-        teacher, tokenizer = load_model(settings.teacher, dtype=getattr(jnp, settings.teacher_dtype))
+    with status(f"{'initialising' if settings.random_teacher else 'loading'} the teacher {settings.teacher}"):
+        teacher, tokenizer = _load_teacher(settings)
     config, init = student_start(settings.student, teacher.config, teacher=teacher,
                                  keep_layers=list(settings.keep_layers) if settings.keep_layers else None)
     _check_run_dir(run_dir, settings, resume)
@@ -150,7 +170,7 @@ def distill(settings: DistillSettings, run_dir: str | Path, *, resume: bool = Fa
     warmup = settings.warmup_steps if settings.warmup_steps is not None else max(1, settings.steps // 20)
     loop = LoopConfig(steps=settings.steps, grad_accum=settings.grad_accum, seed=settings.seed, mesh=settings.mesh,
                       checkpoint_every=settings.checkpoint_every, compute_dtype=settings.compute_dtype,
-                      eval_every=settings.eval_every,
+                      remat=settings.remat, eval_every=settings.eval_every,
                       optim=OptimConfig(lr=settings.lr, warmup_steps=warmup, total_steps=settings.steps))
     loss = make_loss(kind=settings.loss, alpha=settings.alpha, temperature=settings.temperature, beta=settings.beta,
                      vocab_chunk=settings.vocab_chunk)

@@ -10,6 +10,7 @@ import json
 from nano.errors import NanoError
 
 LOSS_KINDS = ("fkl", "rkl", "jsd", "ce")  # also distill.losses.KINDS
+REMAT = ("none", "dots", "block")  # nano.model.REMAT_POLICIES
 
 
 def parse_layers(text: str) -> list[int]:
@@ -63,7 +64,9 @@ class DistillSettings:
     eval_batches: int = 4
     checkpoint_every: int = 50
     compute_dtype: str = "float32"
+    remat: str = "none"  # nano.model.REMAT_POLICIES
     teacher_dtype: str = "float32"
+    random_teacher: bool = False  # --teacher is a preset initialised with random weights (throughput runs)
     vocab_chunk: int = 16384
     qat: str | None = None  # quantization-aware training for this scheme, e.g. "int4-b32"
 
@@ -84,6 +87,8 @@ class DistillSettings:
             raise NanoError(f"--sample-mode must be 'sample' or 'top', got {self.sample_mode!r}")
         if self.qat is not None:
             qat_block_size(self.qat)
+        if self.remat not in REMAT:
+            raise NanoError(f"--remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
         for dtype in (self.compute_dtype, self.teacher_dtype):
             if dtype not in ("float32", "bfloat16"):
                 raise NanoError(f"dtypes are float32 or bfloat16, got {dtype!r}")

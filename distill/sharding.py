@@ -28,11 +28,12 @@ PARTITION_RULES = [
 ]
 
 
-def parse_mesh(spec: str | None) -> dict[str, int]:
-    """'data=2,fsdp=4' → {'data': 2, 'fsdp': 4, 'tensor': 1}; None or '' → all devices on `data`."""
+def parse_mesh(spec: str | None, *, devices: int | None = None) -> dict[str, int]:
+    """'data=2,fsdp=4' → {'data': 2, 'fsdp': 4, 'tensor': 1}; None or '' → all devices (this process's, or
+    `devices`) on `data`."""
     sizes = {axis: 1 for axis in AXES}
     if not spec:
-        sizes["data"] = jax.device_count()
+        sizes["data"] = devices or jax.device_count()
         return sizes
     for part in spec.split(","):
         name, _, value = part.partition("=")
@@ -59,6 +60,19 @@ def param_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
                     for i, axis in enumerate(axes)]
             return P(*dims[:len(shape)])
     raise NanoError(f"no partition rule for parameter {name}")
+
+
+def param_name(path) -> str:
+    """'layers.0.attn.q_proj.kernel' from an nnx.State leaf path (which ends in `.value`, or for a quantized
+    weight in `.value.codes` / `.value.scales`: both are laid out like the weight they stand for)."""
+    return re.sub(r"\.value(\.codes|\.scales)?$", "", jax.tree_util.keystr(tuple(path), simple=True, separator="."))
+
+
+def model_shardings(state, mesh: Mesh):
+    """A NamedSharding for every parameter of a model's nnx.State by the partition rules: how a teacher is laid
+    out on the mesh, like the student it teaches."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, param_spec(param_name(path), x.shape, mesh)), state)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

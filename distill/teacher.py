@@ -8,24 +8,54 @@ constant baked into the program).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from distill.losses import SparseTeacher, distill_loss_from_hidden, sparse_from_logits
-from nano.model import Decoder
+from distill.losses import SparseTeacher, distill_loss_from_hidden, sparse_from_hidden
+from distill.sharding import batch_sharding, model_shardings, replicated
+from nano.config import ModelConfig
+from nano.model import Decoder, abstract_model
+
+
+def random_teacher(config: ModelConfig, *, dtype, mesh: Mesh, seed: int = 0) -> Decoder:
+    """A teacher architecture with random weights, created in `dtype` and already sharded on `mesh`: no device
+    ever holds more than its shard. For throughput runs of teachers whose checkpoint you do not have."""
+    graphdef, abstract = nnx.split(abstract_model(config, dtype=dtype))
+
+    def create(key):
+        state = nnx.state(Decoder(config, rngs=nnx.Rngs(key), dtype=dtype))
+        return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+
+    state = jax.jit(create, out_shardings=model_shardings(abstract, mesh))(jax.random.PRNGKey(seed))
+    return nnx.merge(graphdef, state)
 
 
 class OnlineTeacher:
-    def __init__(self, teacher: Decoder, *, k: int = 256, mode: str = "sample", seed: int = 0):
+    def __init__(self, teacher: Decoder, *, k: int = 256, mode: str = "sample", seed: int = 0, mesh: Mesh | None = None,
+                 vocab_chunk: int = 16384):
+        """With a `mesh`, the teacher's weights are sharded by the partition rules like the student's, and each
+        device scores its own share of the batch. The vocabulary is walked in `vocab_chunk` rows: the teacher's
+        [batch, seq, vocab] logits never exist."""
         graphdef, self.state = nnx.split(teacher)
         self.key = jax.random.PRNGKey(seed)
 
         def score(state, batch, key):
-            logits, _ = nnx.merge(graphdef, state)(batch["tokens"], batch["positions"],
-                                                   segment_ids=batch["segment_ids"])
-            sparse = sparse_from_logits(logits, k, mode=mode, key=key)
+            model = nnx.merge(graphdef, state)
+            hidden, _ = model(batch["tokens"], batch["positions"], segment_ids=batch["segment_ids"],
+                              return_hidden=True)
+            sparse = sparse_from_hidden(hidden, model.head, model.embedder.embedding.get_value(), k, mode=mode,
+                                        key=key, vocab_chunk=vocab_chunk)
             return sparse.ids, sparse.logprobs
 
-        self._score = jax.jit(jax.vmap(score, in_axes=(None, 0, 0)))  # over the accumulation axis
+        score = jax.vmap(score, in_axes=(None, 0, 0))  # over the accumulation axis
+        if mesh is None:
+            self._score = jax.jit(score)
+            return
+        shardings = model_shardings(self.state, mesh)
+        self.state = jax.device_put(self.state, shardings)
+        rows = NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh).spec))  # [accum, batch, ...]
+        self._score = jax.jit(score, in_shardings=(shardings, rows, replicated(mesh)), out_shardings=(rows, rows))
 
     def __call__(self, batch: dict, step: int) -> dict:
         accum = batch["tokens"].shape[0]

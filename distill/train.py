@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from distill.sharding import batch_sharding, param_spec, replicated
+from distill.sharding import batch_sharding, param_name, param_spec, replicated
 from nano.config import ModelConfig
 from nano.model import Decoder
 from nano.quant import QuantSpec, fake_quantize
@@ -48,15 +48,9 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     schedule = make_schedule(cfg)
     # No weight decay on norm scales: decaying a multiplier initialised at 1 pulls it towards 0.
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
-        lambda path, _: not _name(path).endswith(".scale"), params)
+        lambda path, _: not param_name(path).endswith(".scale"), params)
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
                        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask))
-
-
-def _name(path) -> str:
-    """'layers.0.attn.q_proj.kernel' from an nnx.State leaf path (which ends in `.value`)."""
-    name = jax.tree_util.keystr(tuple(path), simple=True, separator=".")
-    return name.removesuffix(".value")
 
 
 @flax.struct.dataclass
@@ -71,7 +65,7 @@ def state_shardings(abstract: TrainState, mesh: Mesh) -> TrainState:
     """Parameters (and their optimizer moments, which share their shapes and paths) by the partition rules."""
 
     def leaf(path, x):
-        name = _name(path)
+        name = param_name(path)
         for marker in ("params.", "mu.", "nu."):  # Adam's moments carry their parameter's path after mu./nu.
             if marker in name:
                 return NamedSharding(mesh, param_spec(name.split(marker, 1)[1], x.shape, mesh))
@@ -109,22 +103,25 @@ def fake_quantizer(specs: dict[str, QuantSpec]) -> ParamTransform:
     straight-through gradients to the float masters (which the optimizer keeps updating)."""
     def transform(params: nnx.State) -> nnx.State:
         return jax.tree_util.tree_map_with_path(
-            lambda path, x: fake_quantize(x, specs[_name(path)]) if _name(path) in specs else x, params)
+            lambda path, x: fake_quantize(x, specs[param_name(path)]) if param_name(path) in specs else x, params)
 
     return transform
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: LossFn, mesh: Mesh,
-                    shardings: TrainState, *, compute_dtype=jnp.float32, param_transform: ParamTransform | None = None):
+                    shardings: TrainState, *, compute_dtype=jnp.float32, remat: str = "none",
+                    param_transform: ParamTransform | None = None):
     """A jitted step(state, batch) -> (state, metrics). Batch arrays are [accum, global_batch, ...]: the step
     accumulates gradients over the leading axis (gradient accumulation) before one optimizer update.
-    `param_transform` maps the master weights to those the forward pass uses (QAT's fake quantization)."""
+    `param_transform` maps the master weights to those the forward pass uses (QAT's fake quantization); `remat`
+    names the rematerialisation policy (nano.model.REMAT_POLICIES)."""
 
     def micro_loss(params, batch, rng):
         if param_transform is not None:
             params = param_transform(params)
         model = nnx.merge(graphdef, params)
         model.dtype = compute_dtype  # bfloat16 compute over float32 master weights when asked
+        model.remat = remat
         return loss_fn(model, batch, rng)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

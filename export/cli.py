@@ -6,7 +6,7 @@ import json
 
 import click
 
-from export.settings import QUANTS, ExportSettings, parse_lengths
+from export.settings import EMBEDDINGS, QUANTS, ExportSettings, parse_lengths
 from nano.errors import OneLineErrors
 
 _E = ExportSettings()
@@ -24,6 +24,9 @@ class _Command(OneLineErrors, click.Command):
 @click.option("--quant", type=click.Choice(QUANTS), default=None,
               help="Weight format. Default: a quantized model keeps its own codes (e.g. int4-b32 from `nano "
                    "quantize`), a float model exports float32. int8/int4 on a float model round to nearest.")
+@click.option("--embeddings", type=click.Choice(EMBEDDINGS), default=None,
+              help="With --quant int8/int4 on a float model: the embedding table (shared with the output head). "
+                   "Default: the scheme's bits (int4 for int4-b32/b128, 4× smaller than float32).")
 @click.option("--prefill-lengths", default=",".join(map(str, _E.prefill_lengths)), show_default=True,
               help="Comma-separated prefill signature lengths (prefill_<N>).")
 @click.option("--max-tokens", type=int, default=None,
@@ -34,7 +37,7 @@ class _Command(OneLineErrors, click.Command):
 @click.option("--threads", type=int, default=None, help="CPU threads for verification (default: all).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export_cmd(model, out, quant, prefill_lengths, max_tokens, no_verify, random_init, threads, force, as_json):
+def export_cmd(model, out, quant, embeddings, prefill_lengths, max_tokens, no_verify, random_init, threads, force, as_json):
     """Export MODEL (a model directory, the embedded teacher's name, or with --random-init a preset) to LiteRT.
 
     \b
@@ -50,7 +53,7 @@ def export_cmd(model, out, quant, prefill_lengths, max_tokens, no_verify, random
     from export.runtime import quiet_native_teardown
 
     quiet_native_teardown()  # under `nano export` as under `nano-export`
-    settings = ExportSettings(quant=quant, prefill_lengths=parse_lengths(prefill_lengths), max_tokens=max_tokens,
+    settings = ExportSettings(quant=quant, embeddings=embeddings, prefill_lengths=parse_lengths(prefill_lengths), max_tokens=max_tokens,
                               verify=not no_verify, random_init=random_init, threads=threads)
     result = export(model, out, settings, force=force)
     if as_json:

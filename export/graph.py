@@ -9,8 +9,9 @@ updates it in place). A global layer has `max_tokens` slots; a local (sliding-wi
 last token through decode, so a prefill never needs the vocabulary-sized head.
 
 The weights are exported as leading arguments, not captured as constants: JAX then never serializes them (its
-StableHLO is a few MB whatever the model's size), and export.convert binds each argument to its weight as an
-MLIR constant, one tensor at a time. The model exported here may be abstract (shapes only).
+StableHLO is a few MB whatever the model's size), the converter converts a graph without them (export.convert), and
+export.weights writes each one into the file as the constant the kernels read. The model exported here may be
+abstract (shapes only).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Signature:
     exported: jax_export.Exported
     inputs: list[str]
     outputs: list[str]
-    weights: list[int]  # the leading arguments the program kept, as indices into `weight_leaves`
+    weights: list[str]  # the parameters the program takes (leading arguments), by name
 
 
 def weight_leaves(model: Decoder) -> list[tuple[str, object]]:
@@ -101,12 +102,13 @@ def export_signature(model: Decoder, length: int, max_tokens: int) -> Signature:
     with export_lookups():
         exported = jax_export.export(jax.jit(_signature_fn(model, logits=name == DECODE)))(weights, *args)
     # JAX drops arguments a program does not use (a prefill never reaches the last layer's MLP or the head).
-    kept = [i for i in exported.module_kept_var_idx if i < len(weights)]
+    names = [param for param, _ in weight_leaves(model)]
+    kept = [names[i] for i in exported.module_kept_var_idx if i < len(weights)]
     if len(exported.module_kept_var_idx) - len(kept) != len(args):
         raise RuntimeError(f"{name}: the exported program dropped a token or cache input")
     # A dict's outputs come out in its pytree order (sorted keys); name them in that order.
-    names = jax.tree_util.tree_unflatten(exported.out_tree, range(exported.out_tree.num_leaves))
+    positions = jax.tree_util.tree_unflatten(exported.out_tree, range(exported.out_tree.num_leaves))
     outputs = [None] * exported.out_tree.num_leaves
-    for key, index in names.items():
+    for key, index in positions.items():
         outputs[index] = key
     return Signature(name, exported, [TOKENS, INPUT_POS, *shapes], outputs, kept)

@@ -1,5 +1,6 @@
-"""`nano-export` as a library call: load (or randomly initialise) the model, choose its integer codes, convert,
-write the codes, verify against JAX, bundle; the artifact appears under its name only when all of that worked."""
+"""`nano-export` as a library call: load (or randomly initialise) the model, choose its integer codes, convert the
+graph, write the weights into it, verify against JAX, bundle; the artifact appears under its name only when all of
+that worked."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from export.settings import ExportSettings, quant_bits
 from nano.errors import NanoError
 from nano.ui import status
 
-TOOLS = ("nano-distill", "jax", "flax", "litert-converter", "ai-edge-litert", "ai-edge-quantizer", "litert-lm-builder")
+TOOLS = ("nano-distill", "jax", "flax", "litert-converter", "ai-edge-litert", "litert-lm-builder")
 
 
 def _versions() -> dict[str, str]:
@@ -65,76 +66,55 @@ def _describe(model_ref: str, settings: ExportSettings):
     return load_config(source), Tokenizer.load(source / TOKENIZER_FILE), load_quant_info(source)
 
 
-def _load(model_ref: str, settings: ExportSettings):
-    """The model: loaded, or (--random-init) initialised with seed 0, the same weights every time."""
-    from nano.model import init_model
-    from nano.models import load_model, resolve_config
+def _artifact_params(model_ref: str, settings: ExportSettings, config, scheme: str, quant_info: dict | None) -> dict:
+    """name → every parameter as the artifact stores it: a float array, or a QuantizedWeight (the model's own codes,
+    or round-to-nearest codes when a float model is asked for int8 / int4). Built one part at a time: a random
+    preset is initialised a layer at a time, and each float kernel is replaced by its codes as soon as it is made,
+    so an int4 export never holds the float model."""
+    import jax
 
-    if settings.random_init:
-        return init_model(resolve_config(model_ref), seed=0)
-    return load_model(model_ref)[0]
-
-
-def _integer_weights(model, quant: str, quant_info: dict | None) -> dict:
-    """name → QuantizedWeight for every weight the artifact stores as integers: the model's own codes when it is
-    quantized, round-to-nearest codes when a float model is asked for int8 / int4."""
     from nano.checkpoint import flat_params
-    from nano.quant import CHANNEL, QuantizedWeight, QuantSpec, quantize_rtn, tensor_specs
+    from nano.model import init_param_parts
+    from nano.models import load_model
+    from nano.quant import QuantizedWeight, quantize_rtn
 
-    params = flat_params(model)
-    if quant_info is not None:
-        return {n: w for n, w in params.items() if isinstance(w, QuantizedWeight)}
-    bits, block = quant_bits(quant)
-    if bits == 8:
-        specs = {n: QuantSpec(8, CHANNEL, 0) for n in params if n.endswith(".kernel")}
-        specs["embedder.embedding"] = QuantSpec(8, CHANNEL, 1)
+    specs = {} if quant_info is not None else _rtn_specs(config, scheme, settings.embeddings)
+    rtn = jax.jit(quantize_rtn, static_argnums=1)  # fused: no float temporaries the size of the weight
+    parts = init_param_parts(config, seed=0) if settings.random_init else [flat_params(load_model(model_ref)[0])]
+    params = {}
+    for part in parts:
+        for name in list(part):
+            value = part.pop(name)
+            if name in specs:
+                value = rtn(value, specs[name])
+            elif isinstance(value, QuantizedWeight) and quant_bits(scheme) is None:
+                value = value.dequantize()  # a quantized model exported as float32
+            params[name] = value
+    return params
+
+
+def _rtn_specs(config, scheme: str, embeddings: str | None) -> dict:
+    """The QuantSpec of each weight a float model rounds to nearest for `scheme` (none for float schemes)."""
+    from nano.checkpoint import param_shapes
+    from nano.quant import CHANNEL, QuantSpec, tensor_specs
+
+    bits = quant_bits(scheme)
+    if bits is None:
+        return {}
+    shapes = param_shapes(config)
+    embeddings = embeddings or ("int8" if bits[0] == 8 else "int4")
+    if bits[0] == 8:
+        specs = {n: QuantSpec(8, CHANNEL, 0) for n in shapes if n.endswith(".kernel")}
     else:
-        specs = tensor_specs(params, block_size=block, embeddings="int8")
+        specs = tensor_specs(shapes, block_size=bits[1], embeddings="float")
+    if embeddings != "float":
+        specs["embedder.embedding"] = QuantSpec(8, CHANNEL, 1) if embeddings == "int8" else QuantSpec(4, bits[1] or 32, 1)
     for name, spec in specs.items():
         try:
-            spec.block(params[name].shape)
+            spec.block(shapes[name])
         except ValueError as e:
-            raise NanoError(f"cannot quantize {name} for --quant {quant}: {e}") from None
-    return {name: quantize_rtn(params[name], spec) for name, spec in specs.items()}
-
-
-def _float_twin(model, weights: dict):
-    """The model as the artifact computes it, in float32 (each weight in `weights`, and any quantized weight,
-    dequantized): what the converter sees, and the JAX reference the artifact is verified against."""
-    from flax import nnx
-
-    from nano.checkpoint import param_path
-    from nano.quant import QuantizedWeight
-
-    if not weights and not any(isinstance(v.get_value(), QuantizedWeight)
-                               for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))):
-        return model
-    twin = nnx.clone(model)
-    state = nnx.state(twin, nnx.Param)
-    for path, var in nnx.to_flat_state(state):
-        value = weights.get(param_path(path), var.get_value())
-        if isinstance(value, QuantizedWeight):
-            var.set_value(value.dequantize())
-    nnx.update(twin, state)
-    return twin
-
-
-def _weight_source(model, weights: dict):
-    """weight(i): the i-th exported weight argument as float32, as the artifact computes with it (our int codes
-    dequantized). Only this closure holds the model, so the converter frees it once every weight is bound."""
-    from export.graph import transposed, weight_leaves
-    from export.weights import dequantized
-    from nano.quant import QuantizedWeight
-
-    source = weight_leaves(model)
-
-    def weight(i: int) -> np.ndarray:
-        name, value = source[i]
-        value = weights.get(name, value)
-        value = dequantized(value) if isinstance(value, QuantizedWeight) else np.asarray(value, np.float32)
-        return np.ascontiguousarray(value.T) if transposed(name) else value
-
-    return weight
+            raise NanoError(f"cannot quantize {name} for --quant {scheme}: {e}") from None
+    return specs
 
 
 def _scheme(quant_info: dict | None, settings: ExportSettings) -> str:
@@ -150,27 +130,38 @@ def _scheme(quant_info: dict | None, settings: ExportSettings) -> str:
 
 
 def _check_read_back(path: Path, weights: dict) -> int:
-    """Every weight's codes and scales, found exactly in the written .tflite."""
+    """Every integer weight's codes and scales, found exactly in the written .tflite (one tensor in memory at a
+    time: each side is keyed by a digest of its codes and scales)."""
+    import hashlib
+
     from export.weights import read_back, tflite_layout
 
-    stored = read_back(path)
-    for name, weight in weights.items():
-        codes, scales = tflite_layout(weight)
-        if not any(s["codes"].shape == codes.shape and np.array_equal(s["codes"], codes)
-                   and np.array_equal(np.asarray(s["scales"], np.float32).reshape(-1),
-                                      np.asarray(scales, np.float32).reshape(-1)) for s in stored):
-            raise NanoError(f"export: {name}'s codes and scales are not in the written .tflite")
-    return len(stored)
+    def key(codes, scales) -> str:
+        digest = hashlib.sha1(str(codes.shape).encode())
+        for array in (np.ascontiguousarray(codes, np.int8), np.ascontiguousarray(scales, np.float32).reshape(-1)):
+            digest.update(memoryview(array).cast("B"))
+        return digest.hexdigest()
+
+    expected = {key(*tflite_layout(weight)): name for name, weight in weights.items()}
+    found = {key(s["codes"], s["scales"]) for s in read_back(path)}
+    missing = [name for k, name in expected.items() if k not in found]
+    if missing:
+        raise NanoError(f"export: {len(missing)} weights' codes and scales are not in the written .tflite "
+                        f"(first: {missing[0]})")
+    return len(found)
 
 
 def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: bool = False) -> dict:
     """Export MODEL to `out` (.tflite or .litertlm). Returns what was done and measured."""
     from export import bundle
     from export.convert import convert
-    from export.graph import DECODE, export_signature, prefill_name
+    from export.graph import DECODE, export_signature, prefill_name, transposed
     from export.runtime import LiteRTLM, quiet_native_stderr
     from export.verify import failure_line, verification_window, verify
+    from export.weights import bind
+    from nano.checkpoint import model_from_flat
     from nano.model import abstract_model
+    from nano.quant import QuantizedWeight
 
     out = Path(out)
     start = time.perf_counter()
@@ -184,16 +175,14 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
     if out.suffix == ".litertlm" and tokenizer is None:
         raise NanoError(f"{model_ref} has no tokenizer with its {config.vocab_size}-piece vocabulary; export a .tflite")
     scheme = _scheme(quant_info, settings)
-    weights = {}
-    if scheme not in ("float32", "fp16"):
-        with phase("load", f"{'initialising' if settings.random_init else 'loading'} {model_ref}'s {scheme} codes"):
-            weights = _integer_weights(_load(model_ref, settings), scheme, quant_info)
+    if quant_info is not None and settings.embeddings is not None:
+        raise NanoError("--embeddings applies when a float model is quantized; this model has its own codes")
     lengths = [n for n in settings.prefill_lengths if n > 1]  # length 1 is decode itself
+    _rtn_specs(config, scheme, settings.embeddings)  # a block size that does not fit fails before any work
 
-    def reference():
-        """The model as the artifact computes it. Built when needed and dropped after, rather than held: the
-        conversion's peak memory then holds no JAX copy of the weights beside the converter's own."""
-        return _float_twin(_load(model_ref, settings), weights)
+    with phase("load", f"{'initialising' if settings.random_init else 'loading'} {model_ref} as {scheme}"):
+        params = _artifact_params(model_ref, settings, config, scheme, quant_info)
+    integer = {name: w for name, w in params.items() if isinstance(w, QuantizedWeight)}
 
     def lowered_signatures():  # programs over abstract weights: shapes only, nothing allocated
         model = abstract_model(config)
@@ -203,25 +192,14 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        float_file = tmp / "float.tflite"
+        graph = tmp / "graph.tflite"
         with phase("convert", f"converting {len(lengths) + 1} signatures ({', '.join(map(prefill_name, lengths))}, {DECODE})"):
-            convert(lowered_signatures(), _weight_source(_load(model_ref, settings), weights), float_file)
+            convert(lowered_signatures(), graph)
         tflite = tmp / "model.tflite"
-        read_back_count = 0
-        if weights:
-            from export.weights import write_codes
-
-            with phase("codes", f"writing {len(weights)} weights' {scheme} codes and scales"):
-                write_codes(float_file, tflite, weights)
-                read_back_count = _check_read_back(tflite, weights)
-        elif scheme == "fp16":
-            from export.weights import write_float16
-
-            with phase("codes", "storing weights as float16"):
-                write_float16(float_file, tflite)
-        else:
-            float_file.rename(tflite)
-        float_file.unlink(missing_ok=True)
+        with phase("weights", f"writing {len(params)} weights ({scheme}) into the .tflite"):
+            bind(graph, tflite, params, transposed=transposed, float16=scheme == "fp16")
+            read_back_count = _check_read_back(tflite, integer) if integer else 0
+        graph.unlink()
         convert_seconds = time.perf_counter() - start
 
         verification = None
@@ -229,8 +207,9 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
             window, text = verification_window(tokenizer, min(settings.verify_tokens, settings.max_tokens),
                                                config.vocab_size)
             with phase("verify", f"verifying against JAX on {text}"), quiet_native_stderr():
-                verification = verify(lambda: LiteRTLM(tflite, threads=settings.threads), reference, window,
-                                      exact=scheme == "float32")
+                # The JAX reference runs the very parameters written (integer codes included), not a copy.
+                verification = verify(lambda: LiteRTLM(tflite, threads=settings.threads),
+                                      lambda: model_from_flat(config, params), window, exact=scheme == "float32")
                 verification["text"] = text
             if not verification["ok"]:
                 raise NanoError(failure_line(verification))
@@ -245,8 +224,8 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "model": str(model_ref), "quant": scheme, "bytes": out.stat().st_size,
-            "signatures": [*map(prefill_name, lengths), DECODE], "max_tokens": settings.max_tokens,
-            "int_weights": len(weights), "int_weights_read_back": read_back_count,
+            "params": config.param_count, "signatures": [*map(prefill_name, lengths), DECODE],
+            "max_tokens": settings.max_tokens, "int_weights": len(integer), "int_weights_read_back": read_back_count,
             "convert_seconds": round(convert_seconds, 1), "seconds": round(time.perf_counter() - start, 1),
             "peak_rss_bytes": peak_rss_bytes(), "phases": phase, "verification": verification}
 

@@ -10,6 +10,7 @@ from nano.errors import NanoError
 QUANTS = ("float32", "fp16", "int8", "int4-b32", "int4-b128")
 DEFAULT_MAX_TOKENS = 4096
 SUFFIXES = (".litertlm", ".tflite")
+EMBEDDINGS = ("int8", "int4", "float")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +19,8 @@ class ExportSettings:
     prefill_lengths: tuple[int, ...] = (128, 512)
     max_tokens: int | None = None  # the context the artifact holds (global layers' KV cache); None: 4096 or the
     # model's own context if shorter
+    embeddings: str | None = None  # a float model's embedding for int schemes: int8, int4 or float (None: the
+    # scheme's own bits, so int4 schemes store a 4-bit table)
     verify: bool = True
     random_init: bool = False
     verify_tokens: int = 1024  # held-out tokens: the first half prefilled, the second decoded and compared
@@ -28,6 +31,8 @@ class ExportSettings:
             raise NanoError(f"--out must end in {' or '.join(SUFFIXES)}, got {str(out)!r}")
         if self.quant is not None and self.quant not in QUANTS:
             raise NanoError(f"--quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
+        if self.embeddings is not None and self.embeddings not in EMBEDDINGS:
+            raise NanoError(f"--embeddings must be one of {', '.join(EMBEDDINGS)}, got {self.embeddings!r}")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise NanoError(f"--max-tokens must be at least 2, got {self.max_tokens}")
         if max_seq_len is not None and self.max_tokens is not None and self.max_tokens > max_seq_len:

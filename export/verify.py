@@ -39,6 +39,21 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.array([token_nll(row, target) for row, target in zip(logits, targets)])
 
 
+def _head(model, hidden, rows: int = 32768) -> np.ndarray:
+    """model.head(hidden) a vocabulary chunk at a time: an integer table is dequantized `rows` rows at a time,
+    never whole (a Nano-2 table in float32 is 2.7 GB, and dequantizing it takes three such arrays)."""
+    from nano.quant import QuantizedWeight
+
+    table = model.embedder.embedding.get_value()
+    chunks = []
+    for start in range(0, table.shape[0], rows):
+        part = slice(start, start + rows)
+        rows_of = (QuantizedWeight(table.codes[part], table.scales[part], table.spec)
+                   if isinstance(table, QuantizedWeight) else table[part])
+        chunks.append(np.asarray(model.head(hidden, embedding=rows_of), np.float32))
+    return np.concatenate(chunks, axis=-1)
+
+
 def verify(open_runner, build_model, window: np.ndarray, *, exact: bool) -> dict:
     """Compare the artifact (`open_runner()` → export.runtime.LiteRTLM) with the JAX model (`build_model()`) on
     `window`; the result carries `ok`. One after the other, so the two never hold their weights at once."""
@@ -51,7 +66,7 @@ def verify(open_runner, build_model, window: np.ndarray, *, exact: bool) -> dict
     del runner
     model = build_model()
     hidden, _ = model(jnp.asarray(window[None]), return_hidden=True)
-    want = np.asarray(model.head(hidden[:, half:len(window) - 1])[0], np.float32)  # logits predicting window[half+1:]
+    want = _head(model, hidden[:, half:len(window) - 1])[0]  # logits predicting window[half+1:]
     del model, hidden
     targets = window[half + 1:]
     ppl_artifact, ppl_jax = float(np.exp(_nll(got, targets).mean())), float(np.exp(_nll(want, targets).mean()))

@@ -1,161 +1,243 @@
-"""Integer and float16 weights in the .tflite: the codes and scales `nano quantize` chose, written unchanged.
+"""The weights in the .tflite: the converter's graph takes every weight as a signature input (export.convert), and
+`bind` turns each such input into the constant tensor LiteRT's kernels read, in every signature that takes it:
 
-The converter sees each quantized weight dequantized (codes × scales, float32). ai-edge-quantizer then rewrites
-the flatbuffer the way LiteRT's kernels want it (a FULLY_CONNECTED weight [out, in] as INT4 with blockwise FLOAT16
-scales, or INT8 per channel; the EMBEDDING_LOOKUP table alike; one tensor shared by the lookup and the tied head),
-with activations quantized at run time ("dynamic" quantization, XNNPACK's int8 × int4 kernels). Its own algorithms
-would choose new codes; instead its "dequantized weight recovery" entry is pointed at a function that looks each
-float weight up (by content) among ours and returns our codes and scales exactly. `read_back` parses the written
-file so the export can prove they arrived.
+- float32 as it is; fp16 as FLOAT16 behind a DEQUANTIZE op (the pattern XNNPACK loads as float16 weights);
+- a `QuantizedWeight` as the codes and scales `nano quantize` chose, unchanged: INT4 (two per byte, the even
+  element in the low nibble) or INT8, symmetric; blockwise with a FLOAT16 scales tensor (BlockwiseQuantization) or
+  one float32 scale per output row. The kernels quantize activations to int8 at run time ("dynamic" quantization,
+  XNNPACK's int8 × int4 kernels). A FULLY_CONNECTED weight is [out, in]; the embedding [vocab, d_model] is one
+  tensor shared by the lookup and the tied head.
+
+The bytes follow the flatbuffer, each buffer at an (offset, size) in the file (TFLite's layout for models past its
+2 GB flatbuffer limit), written one weight at a time: no copy of the model is ever assembled in memory, and a model
+of any size fits. `read_back` parses the written file so the export can prove the codes arrived.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
-import io
+import dataclasses
+import math
+import mmap
 from pathlib import Path
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
 from nano.errors import NanoError
-from nano.quant import QuantizedWeight
+from nano.quant import QuantizedWeight, pack_int4, unpack_int4
 
-
-@contextlib.contextmanager
-def _no_progress_bars():
-    """ai-edge-quantizer draws tqdm bars it cannot be told to skip everywhere (its graph rewrite decides by model
-    size); the export shows its own progress, so the library's stderr is set aside for the call."""
-    with contextlib.redirect_stderr(io.StringIO()):
-        yield
+ALIGN = 16  # each buffer starts 16-byte aligned, as TFLite writes them (SIMD loads)
+_QUANTIZED_CONSUMERS = {"FULLY_CONNECTED": 1, "EMBEDDING_LOOKUP": 1}  # op → the input slot of its weight
 
 
 def tflite_layout(weight: QuantizedWeight) -> tuple[np.ndarray, np.ndarray]:
     """(codes, scales) as the .tflite holds them: a kernel [in, out] (blocks along axis 0) transposed to TFLite's
     [out, in], the embedding [vocab, d_model] (blocks along axis 1) as it is; channel scales flattened."""
-    codes, scales = np.asarray(weight.codes, np.int8), np.asarray(weight.scales)
-    if weight.spec.axis == 0:
-        codes, scales = codes.T, scales.T
-    codes, scales = np.ascontiguousarray(codes), np.ascontiguousarray(scales)
-    return codes, (scales if weight.spec.blockwise else scales.reshape(-1))
+    codes = np.asarray(weight.codes, np.int8)
+    return np.ascontiguousarray(codes.T if weight.spec.axis == 0 else codes), tflite_scales(weight)
 
 
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(array, np.float32).tobytes()).hexdigest()
+def tflite_scales(weight: QuantizedWeight) -> np.ndarray:
+    """The scales half of `tflite_layout`."""
+    scales = np.asarray(weight.scales)
+    scales = np.ascontiguousarray(scales.T if weight.spec.axis == 0 else scales)
+    return scales if weight.spec.blockwise else scales.reshape(-1)
 
 
-def dequantized(weight: QuantizedWeight) -> np.ndarray:
-    """codes × scales in float32, the same numbers as `QuantizedWeight.dequantize` (one float32 product each), made
-    in place in one array: the embedding alone is 671 MB as float32, and JAX's version holds several such."""
-    codes, scales, axis = np.asarray(weight.codes), np.asarray(weight.scales, np.float32), weight.spec.axis
-    out = codes.astype(np.float32)
-    block = codes.shape[axis] // scales.shape[axis]
-    blocked = out.reshape(*codes.shape[:axis], scales.shape[axis], block, *codes.shape[axis + 1:])
-    blocked *= np.expand_dims(scales, axis + 1)
-    return out
+@dataclasses.dataclass
+class _Payload:
+    """One buffer written after the flatbuffer: its size is known when the flatbuffer is packed, its bytes are
+    made only when written."""
+    buffer: int
+    nbytes: int
+    data: Callable[[], np.ndarray]
 
 
-def float_digest(weight: QuantizedWeight) -> str:
-    """The content key of the float weight the converter sees (dequantized, in TFLite's layout)."""
-    w = dequantized(weight)
-    return _digest(w.T if weight.spec.axis == 0 else w)
+def _round_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
-def write_codes(src: Path, dst: Path, weights: dict[str, QuantizedWeight]) -> None:
-    """Rewrite every FULLY_CONNECTED / EMBEDDING_LOOKUP weight of the float .tflite `src` with its codes and scales
-    from `weights` (name → QuantizedWeight), to `dst`. A weight that cannot be matched is an error, not a fallback."""
-    from ai_edge_quantizer import algorithm_manager, qtyping, quantizer
-    from ai_edge_quantizer.algorithms.uniform_quantize import common_quantize
-    from ai_edge_quantizer.algorithms.uniform_quantize import dequantized_weight_recovery as recovery
+class _Binder:
+    def __init__(self, model, params: Mapping[str, object], transposed: Callable[[str], bool], float16: bool):
+        from ai_edge_litert import schema_py_generated as schema
 
-    by_digest = {float_digest(w): (name, w) for name, w in weights.items()}
-    found: set[str] = set()
+        self.schema, self.model, self.params = schema, model, params
+        self.transposed, self.float16 = transposed, float16
+        self.buffers: dict[str, int] = {}  # weight (or weight's scales) → its buffer, shared by every signature
+        self.payloads: list[_Payload] = []
+        self.ops = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 
-    def exact_params(op_info, tensor_config, tensor_content=None, tensor_qsv=None):
-        if tensor_content is None:
-            raise NanoError("export: a quantized op has no constant weight")
-        key = _digest(tensor_content)
-        if key not in by_digest:
-            raise NanoError(f"export: a {tuple(tensor_content.shape)} weight in the converted graph matches none of "
-                            "the model's quantized weights (did the converter fold something into it?)")
-        name, weight = by_digest[key]
-        found.add(name)
-        codes, scales = tflite_layout(weight)
-        return qtyping.UniformQuantParams(
-            num_bits=weight.spec.bits, quantized_dimension=0, scale=scales.astype(np.float32),
-            zero_point=np.zeros(scales.shape, np.int32), symmetric=True, block_size=weight.spec.block_size,
-            quantized_data=codes)
+    def buffer(self, key: str, nbytes: int, data: Callable[[], np.ndarray]) -> int:
+        if key not in self.buffers:
+            buffer = self.schema.BufferT()
+            buffer.offset = buffer.size = 1  # non-default placeholders: the packed table keeps room for the real ones
+            self.model.buffers.append(buffer)
+            self.buffers[key] = len(self.model.buffers) - 1
+            self.payloads.append(_Payload(self.buffers[key], nbytes, data))
+        return self.buffers[key]
 
-    key = algorithm_manager.AlgorithmName.DEQUANTIZED_WEIGHT_RECOVERY
-    ops = {qtyping.TFLOperationName.FULLY_CONNECTED: common_quantize.materialize_fc_conv,
-           qtyping.TFLOperationName.EMBEDDING_LOOKUP: common_quantize.materialize_embedding_lookup}
-    for op, materialize in ops.items():
-        algorithm_manager.register_quantized_op(
-            algorithm_key=key, tfl_op_name=op, init_qsv_func=recovery.init_qsvs,
-            calibration_func=recovery.calibrate, materialize_func=functools.partial(materialize, exact_params))
-    # The recipe's bits and granularity only pass its policy check; each tensor's real ones are ours.
-    projection = next(w for n, w in weights.items() if n.endswith(".kernel")).spec
-    granularity = (getattr(qtyping.QuantGranularity, f"BLOCKWISE_{projection.block_size}")
-                   if projection.blockwise else qtyping.QuantGranularity.CHANNELWISE)
-    q = quantizer.Quantizer(str(src))
-    q.add_dynamic_config(".*", qtyping.TFLOperationName.FULLY_CONNECTED, projection.bits, granularity, key)
-    embedding = weights.get("embedder.embedding")
-    if embedding is not None:
-        q.add_dynamic_config(".*", qtyping.TFLOperationName.EMBEDDING_LOOKUP, embedding.spec.bits,
-                             qtyping.QuantGranularity.CHANNELWISE, key)
-    with _no_progress_bars():
-        result = q.quantize(enable_progress_bar=False, enable_progress_report=False)
-    missing = sorted(set(weights) - found)
-    if missing:
-        raise NanoError(f"export: {len(missing)} quantized weights were not found in the converted graph "
-                        f"(first: {missing[0]})")
-    Path(dst).write_bytes(result.quantized_model)
+    def opcode(self, builtin: int) -> int:
+        for i, code in enumerate(self.model.operatorCodes):
+            if code.builtinCode == builtin:
+                return i
+        code = self.schema.OperatorCodeT()
+        code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
+        self.model.operatorCodes.append(code)
+        return len(self.model.operatorCodes) - 1
+
+    def bind_signature(self, signature) -> None:
+        graph = self.model.subgraphs[signature.subgraphIndex]
+        bound = {}
+        for entry in signature.inputs:
+            name = entry.name.decode()
+            if name in self.params:
+                self.bind(graph, entry.tensorIndex, name, self.params[name])
+                bound[entry.tensorIndex] = name
+        signature.inputs = [e for e in signature.inputs if e.tensorIndex not in bound]
+        graph.inputs = np.array([i for i in graph.inputs if i not in bound], np.int32)
+
+    def consumers(self, graph, tensor: int) -> list[tuple[int, str, int]]:
+        """(operator index, op name, input slot) of every use of `tensor`."""
+        return [(k, self.ops[self.model.operatorCodes[op.opcodeIndex].builtinCode], slot)
+                for k, op in enumerate(graph.operators) for slot, i in enumerate(op.inputs) if i == tensor]
+
+    def bind(self, graph, index: int, name: str, value) -> None:
+        schema, tensor = self.schema, graph.tensors[index]
+        uses = self.consumers(graph, index)
+        weight_slot = all(_QUANTIZED_CONSUMERS.get(op) == slot for _, op, slot in uses)
+        shape = tuple(int(d) for d in tensor.shape)
+        if isinstance(value, QuantizedWeight):
+            if not weight_slot:
+                raise NanoError(f"export: the quantized weight {name} feeds {sorted({op for _, op, _ in uses})}; "
+                                "only FULLY_CONNECTED and EMBEDDING_LOOKUP take integer weights")
+            self.bind_quantized(graph, tensor, name, value, shape)
+            return
+        expected = tuple(value.shape[::-1]) if self.transposed(name) else tuple(value.shape)
+        if expected != shape:
+            raise NanoError(f"export: {name} is {expected} in TFLite's layout, the graph takes {shape}")
+        as_float = lambda dtype: lambda: np.ascontiguousarray(  # noqa: E731
+            (np.asarray(value, np.float32).T if self.transposed(name) else np.asarray(value, np.float32)).astype(dtype))
+        if not (self.float16 and uses and weight_slot):
+            tensor.buffer = self.buffer(name, math.prod(shape) * 4, as_float(np.float32))
+            return
+        half = schema.TensorT()  # the float16 constant; the graph's float32 tensor becomes DEQUANTIZE's output
+        half.name, half.type, half.shape = tensor.name + b"_fp16", schema.TensorType.FLOAT16, np.array(shape, np.int32)
+        half.buffer = self.buffer(name, math.prod(shape) * 2, as_float(np.float16))
+        graph.tensors.append(half)
+        op = schema.OperatorT()
+        op.opcodeIndex = self.opcode(schema.BuiltinOperator.DEQUANTIZE)
+        op.inputs, op.outputs = np.array([len(graph.tensors) - 1], np.int32), np.array([index], np.int32)
+        graph.operators.insert(min(k for k, _, _ in uses), op)
+
+    def bind_quantized(self, graph, tensor, name: str, weight: QuantizedWeight, shape) -> None:
+        schema, spec = self.schema, weight.spec
+        layout = tuple(weight.shape[::-1]) if spec.axis == 0 else tuple(weight.shape)
+        if layout != shape:
+            raise NanoError(f"export: {name}'s codes are {layout} in TFLite's layout, the graph takes {shape}")
+        n = math.prod(shape)
+
+        def codes():
+            c = tflite_layout(weight)[0]
+            return pack_int4(c, -1) if spec.bits == 4 else c
+
+        tensor.type = schema.TensorType.INT4 if spec.bits == 4 else schema.TensorType.INT8
+        tensor.buffer = self.buffer(name, (n + 1) // 2 if spec.bits == 4 else n, codes)
+        q = schema.QuantizationParametersT()
+        if spec.blockwise:
+            scales_shape = shape[:-1] + (shape[-1] // spec.block(weight.shape),)
+            scales = schema.TensorT()
+            scales.name, scales.type = tensor.name + b"_scales", schema.TensorType.FLOAT16
+            scales.shape = np.array(scales_shape, np.int32)
+            scales.buffer = self.buffer(f"{name}:scales", math.prod(scales_shape) * 2,
+                                        lambda: tflite_scales(weight).astype(np.float16))
+            graph.tensors.append(scales)
+            q.detailsType = schema.QuantizationDetails.BlockwiseQuantization
+            q.details = schema.BlockwiseQuantizationT()
+            q.details.scales, q.details.zeroPoints, q.details.blockSize = len(graph.tensors) - 1, -1, spec.block_size
+        else:
+            scales = tflite_scales(weight).astype(np.float32)
+            q.scale, q.zeroPoint, q.quantizedDimension = scales, np.zeros(len(scales), np.int64), 0
+        tensor.quantization = q
 
 
-def write_float16(src: Path, dst: Path) -> None:
-    """Weights stored as float16 (the ops dequantize them to float32 once, at load)."""
-    from ai_edge_quantizer import algorithm_manager, qtyping, quantizer
+def bind(graph: str | Path, out: str | Path, params: Mapping[str, object], *, transposed: Callable[[str], bool],
+         float16: bool = False) -> int:
+    """Write `graph` (a converted .tflite whose weights are signature inputs named after their parameters) to
+    `out` with every such input bound to its value in `params` (name → float array or QuantizedWeight);
+    `transposed(name)` says which float weights the graph takes as [out, in]. `float16` stores float
+    FULLY_CONNECTED / EMBEDDING_LOOKUP weights as float16. Returns the bytes of weights written."""
+    from ai_edge_litert.tools import flatbuffer_utils
 
-    q = quantizer.Quantizer(str(src))
-    for op in (qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.EMBEDDING_LOOKUP):
-        q.add_weight_only_config(".*", op, 16, qtyping.QuantGranularity.TENSORWISE,
-                                 algorithm_manager.AlgorithmName.FLOAT_CASTING)
-    with _no_progress_bars():
-        result = q.quantize(enable_progress_bar=False, enable_progress_report=False)
-    Path(dst).write_bytes(result.quantized_model)
+    model = flatbuffer_utils.read_model(str(graph))
+    binder = _Binder(model, params, transposed, float16)
+    for signature in model.signatureDefs:
+        binder.bind_signature(signature)
+    head = flatbuffer_utils.convert_object_to_bytearray(model)
+    packed = flatbuffer_utils.Model.GetRootAs(head, 0)
+    offset = _round_up(len(head))
+    offsets = []
+    for payload in binder.payloads:
+        offsets.append(offset)
+        flatbuffer_utils.update_packed_buffer(packed.Buffers(payload.buffer), offset=offset, size=payload.nbytes)
+        offset = _round_up(offset + payload.nbytes)
+    with open(out, "wb") as f:
+        f.write(head)
+        for payload, start in zip(binder.payloads, offsets):
+            f.write(b"\0" * (start - f.tell()))
+            data = np.ascontiguousarray(payload.data())
+            if data.nbytes != payload.nbytes:
+                raise RuntimeError(f"export: buffer {payload.buffer} has {data.nbytes} bytes, {payload.nbytes} planned")
+            f.write(memoryview(data).cast("B"))
+    return sum(p.nbytes for p in binder.payloads)
 
 
-def read_back(path: Path) -> list[dict]:
-    """Every integer weight in a .tflite: {"codes" (unpacked int8, TFLite layout), "scales", "block_size"}."""
+def read_flatbuffer(file: mmap.mmap):
+    """The model (schema ModelT) from a mapped .tflite, without the weights stored after the flatbuffer (those
+    buffers keep their offset and size): a few MB whatever the file's size."""
     from ai_edge_litert import schema_py_generated as schema
-    from ai_edge_quantizer.utils import tfl_flatbuffer_utils
 
-    model = tfl_flatbuffer_utils.read_model(str(path))
-    seen, out = set(), []
-    for graph in model.subgraphs:
-        for tensor in graph.tensors:
-            if tensor.type not in (schema.TensorType.INT4, schema.TensorType.INT8) or tensor.buffer in seen:
-                continue
-            data = model.buffers[tensor.buffer].data
-            if tensor.quantization is None or data is None or len(data) == 0:
-                continue  # an activation, not a weight
-            seen.add(tensor.buffer)
-            raw = np.asarray(data, np.uint8)
-            shape = tuple(tensor.shape)
-            if tensor.type == schema.TensorType.INT4:
-                low, high = (raw & 0x0F).astype(np.int8), (raw >> 4).astype(np.int8)
-                codes = np.stack([low, high], axis=-1).reshape(-1)[:int(np.prod(shape))]
-                codes = np.where(codes > 7, codes - 16, codes).astype(np.int8).reshape(shape)
-            else:
-                codes = raw.view(np.int8).reshape(shape)
-            details = tensor.quantization.details
-            if isinstance(details, schema.BlockwiseQuantizationT):
-                scale_tensor = graph.tensors[details.scales]
-                scales = np.asarray(model.buffers[scale_tensor.buffer].data, np.uint8).view(np.float16)
-                out.append({"codes": codes, "scales": scales.reshape(tuple(scale_tensor.shape)),
-                            "block_size": int(details.blockSize)})
-            else:
-                out.append({"codes": codes, "scales": np.asarray(tensor.quantization.scale, np.float32),
-                            "block_size": 0})
-    return out
+    packed = schema.Model.GetRootAs(file, 0)
+    offsets = [packed.Buffers(i).Offset() for i in range(packed.BuffersLength())]
+    end = min((o for o in offsets if o > 1), default=len(file))
+    return schema.ModelT.InitFromPackedBuf(file[:end], 0)
+
+
+def read_back(path: str | Path) -> Iterator[dict]:
+    """Every integer weight in a .tflite, one at a time: {"codes" (unpacked int8, TFLite layout), "scales",
+    "block_size"}."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as file:
+        model = read_flatbuffer(file)
+
+        def data(index: int) -> np.ndarray:
+            buffer = model.buffers[index]
+            if buffer.data is not None and len(buffer.data):
+                return np.asarray(buffer.data, np.uint8)
+            if buffer.offset > 1:  # stored after the flatbuffer: read now, one weight at a time
+                return np.frombuffer(file[buffer.offset:buffer.offset + buffer.size], np.uint8)
+            return np.zeros(0, np.uint8)
+
+        seen = set()
+        for graph in model.subgraphs:
+            for tensor in graph.tensors:
+                if tensor.type not in (schema.TensorType.INT4, schema.TensorType.INT8) or tensor.buffer in seen:
+                    continue
+                raw = data(tensor.buffer)
+                if tensor.quantization is None or raw.size == 0:
+                    continue  # an activation, not a weight
+                seen.add(tensor.buffer)
+                shape = tuple(int(d) for d in tensor.shape)
+                if tensor.type == schema.TensorType.INT4:
+                    codes = unpack_int4(raw, 0)[:math.prod(shape)].reshape(shape)
+                else:
+                    codes = raw.view(np.int8).reshape(shape)
+                details = tensor.quantization.details
+                if isinstance(details, schema.BlockwiseQuantizationT):
+                    scale_tensor = graph.tensors[details.scales]
+                    scales = data(scale_tensor.buffer).view(np.float16)
+                    yield {"codes": codes, "scales": scales.reshape(tuple(scale_tensor.shape)),
+                           "block_size": int(details.blockSize)}
+                else:
+                    yield {"codes": codes, "scales": np.asarray(tensor.quantization.scale, np.float32),
+                           "block_size": 0}

@@ -228,11 +228,12 @@ def corpus(split, max_chars, out):
 
 def _add_stages() -> None:
     from bench.cli import bench_cmd
-    from distill.cli import distill_cmd  # a NanoError in them still becomes one line: cli's invoke wraps it
+    from distill.cli import distill_cmd, plan_cmd  # a NanoError in them still becomes one line: cli's invoke wraps it
     from export.cli import export_cmd
     from quantize.cli import quantize_cmd
 
     cli.add_command(distill_cmd)
+    cli.add_command(plan_cmd)
     cli.add_command(quantize_cmd)
     cli.add_command(export_cmd)
     cli.add_command(bench_cmd)

@@ -123,6 +123,15 @@ GEMMA3_270M = ModelConfig(
     sliding_window=512, global_every=6,
 )
 
+# Larger Gemma 3 text decoders, as teachers (their published configurations; the 4B and 12B scale global-layer
+# positions by 8). Random weights serve throughput runs (`nano distill --random-teacher`); a user's checkpoint
+# imports with `nano import-safetensors`.
+GEMMA3_1B = dataclasses.replace(GEMMA3_270M, d_model=1152, num_layers=26, num_heads=4, head_dim=256, ffn_dim=6912)
+GEMMA3_4B = dataclasses.replace(GEMMA3_270M, d_model=2560, num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256,
+                                ffn_dim=10240, sliding_window=1024, rope_scale_global=8.0, max_seq_len=131_072)
+GEMMA3_12B = dataclasses.replace(GEMMA3_4B, d_model=3840, num_layers=48, num_heads=16, num_kv_heads=8,
+                                 ffn_dim=15360)
+
 # Gemini Nano sizes: multi-query attention (one KV head), 32k context, the teacher's 262,144-token vocabulary.
 NANO_1 = dataclasses.replace(GEMMA3_270M, d_model=2048, num_layers=22, num_heads=8, head_dim=256, ffn_dim=7808,
                              sliding_window=1024)
@@ -139,6 +148,9 @@ TINY = dataclasses.replace(GEMMA3_270M, vocab_size=512, d_model=64, num_layers=4
 
 PRESETS: dict[str, ModelConfig] = {
     "gemma3-270m": GEMMA3_270M,
+    "gemma3-1b": GEMMA3_1B,
+    "gemma3-4b": GEMMA3_4B,
+    "gemma3-12b": GEMMA3_12B,
     "nano-1": NANO_1,
     "nano-2": NANO_2,
     "nano-micro": NANO_MICRO,

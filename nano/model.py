@@ -9,6 +9,7 @@ values at `positions` and attends over the cache, so prefill and token-by-token 
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import flax.struct
 import jax
@@ -191,12 +192,20 @@ class Block(nnx.Module):
         return x, kv
 
 
+# Rematerialisation: what a training step keeps of each block for the backward pass. "none" keeps everything;
+# "dots" keeps the matmul outputs and recomputes the cheap elementwise work; "block" keeps only each block's input
+# and recomputes the block (activations then grow with layers × d_model instead of with ffn and attention).
+REMAT_POLICIES = {"none": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "block": jax.checkpoint_policies.nothing_saveable}
+
+
 class Decoder(nnx.Module):
     """The Gemma 3 decoder. `dtype` is the compute dtype (float32 or bfloat16); parameters are cast to it at use."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.config = config
         self.dtype = dtype
+        self.remat = "none"  # training sets a REMAT_POLICIES name: what the backward pass recomputes
         self.embedder = Embedder(config.vocab_size, config.d_model, rngs=rngs)
         self.layers = nnx.List([Block(config, t, rngs=rngs) for t in config.layer_types])
         self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps)
@@ -217,7 +226,11 @@ class Decoder(nnx.Module):
             raise ValueError("segment_ids apply to full sequences, not cached decoding")
         x = self.embedder.encode(tokens, self.dtype)
         new_k, new_v = [], []
+        policy = REMAT_POLICIES[self.remat]
         for i, layer in enumerate(self.layers):
+            if policy is not None and cache is None:
+                x, kv = nnx.remat(lambda block, x: block(x, positions, segment_ids), policy=policy)(layer, x)
+                continue
             x, kv = layer(x, positions, segment_ids, None if cache is None else (cache.k[i], cache.v[i]))
             if kv is not None:
                 new_k.append(kv[0])
@@ -241,6 +254,20 @@ class Decoder(nnx.Module):
 
 def init_model(config: ModelConfig, *, seed: int = 0, dtype=jnp.float32) -> Decoder:
     return Decoder(config, rngs=nnx.Rngs(seed), dtype=dtype)
+
+
+def init_param_parts(config: ModelConfig, *, seed: int = 0) -> Iterator[dict[str, jax.Array]]:
+    """`init_model(config, seed=seed)`'s parameters ({dotted name: array}), one part at a time: the embedding, each
+    layer, the final norm. Each part is its own jitted program, from which XLA drops every other parameter's
+    initialisation, so one part is allocated at a time: a model larger than memory can be made and consumed."""
+    prefixes = ["embedder.", *(f"layers.{i}." for i in range(config.num_layers)), "final_norm."]
+    for prefix in prefixes:
+        def create(prefix=prefix):
+            state = nnx.state(Decoder(config, rngs=nnx.Rngs(seed)), nnx.Param)
+            named = ((".".join(map(str, path)), var.get_value()) for path, var in nnx.to_flat_state(state))
+            return {name: value for name, value in named if name.startswith(prefix)}
+
+        yield jax.jit(create)()
 
 
 def abstract_model(config: ModelConfig, *, dtype=jnp.float32) -> Decoder:

@@ -168,3 +168,21 @@ def test_distributed_flag_runs_one_process_through_jax_distributed(tmp_path, tin
     nano(*args, "--out", tmp_path / "plain")
     a, b = lines(tmp_path / "dist" / "metrics.jsonl"), lines(tmp_path / "plain" / "metrics.jsonl")
     assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], rel=1e-6)
+
+
+def test_random_teacher_throughput_run(tmp_path, corpus):
+    """A teacher preset with random weights (no checkpoint), bfloat16, with block remat: the Nano-size recipe's
+    options run end to end on nano-micro and write their settings into run.json."""
+    run = tmp_path / "random-teacher"
+    nano("distill", "--teacher", "gemma3-270m", "--random-teacher", "--teacher-dtype", "bfloat16",
+         "--student", "nano-micro", "--compute-dtype", "bfloat16", "--remat", "block", "--data", corpus / "train.txt",
+         "--eval-data", corpus / "heldout.txt", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+         "--top-k", "16", "--eval-batches", "1", "--out", run)
+    settings = json.loads((run / "run.json").read_text())
+    assert settings["random_teacher"] and settings["remat"] == "block"
+    metrics = lines(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
+    bad = nano("distill", "--teacher", "tiny", "--random-teacher", "--data", corpus / "train.txt", "--out",
+               tmp_path / "bad", ok=False)
+    assert bad.exit_code != 0 and "needs a preset with the embedded tokenizer's 262,144 pieces; tiny has 512" in bad.output
+    assert not (tmp_path / "bad").exists()

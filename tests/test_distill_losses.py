@@ -287,6 +287,30 @@ def test_chunked_equals_unchunked_values_and_gradients(vocab, chunk, cap):
                 _close(x, y)
 
 
+@pytest.mark.parametrize("mode", ["sample", "top"])
+def test_teacher_sparse_from_hidden_equals_from_logits(mode):
+    """The online teacher walks the vocabulary in chunks: the same k ids, in the same order, and log-probs."""
+    from distill.losses import sparse_from_hidden
+    from nano.quant import QuantSpec, quantize_rtn
+
+    rng = np.random.default_rng(7)
+    hidden = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(512, 16)) * 2, jnp.float32)
+    head = lambda h, rows: h @ rows.T  # noqa: E731
+    key = jax.random.PRNGKey(3)
+    want = sparse_from_logits(head(hidden, table), 32, mode=mode, key=key)
+    got = jax.jit(lambda h, t: sparse_from_hidden(h, head, t, 32, mode=mode, key=key, vocab_chunk=128))(hidden, table)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=2e-5)
+    # An integer table (a quantized teacher) is sliced chunk by chunk too, codes and scales together.
+    q = quantize_rtn(table, QuantSpec(4, 16, 1))
+    qhead = lambda h, rows: h @ rows.dequantize().T  # noqa: E731
+    want = sparse_from_logits(qhead(hidden, q), 32, mode=mode, key=key)
+    got = sparse_from_hidden(hidden, qhead, q, 32, mode=mode, key=key, vocab_chunk=128)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=2e-5)
+
+
 def test_chunked_gradient_never_holds_full_logits():
     """XLA's own buffer plan: the chunked loss and its gradient need less scratch than one [B, T, V] float32."""
     b, t, d, vocab, chunk = 2, 32, 16, 16384, 512

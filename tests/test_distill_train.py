@@ -1,4 +1,4 @@
-"""The train step's precision option: bfloat16 compute over float32 master weights."""
+"""The train step's options: bfloat16 compute over float32 master weights; rematerialisation policies."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ from nano.config import TINY
 from nano.perplexity import token_nll
 
 
-def _run(compute_dtype, steps=3):
+def _run(compute_dtype, steps=3, remat="none"):
     mesh = make_mesh(None)
     optimizer = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=1, total_steps=steps))
     graphdef, state = init_state(TINY, optimizer, seed=0, mesh=mesh)
@@ -24,7 +24,7 @@ def _run(compute_dtype, steps=3):
         return jnp.mean(nll), {"ce": jnp.mean(nll)}
 
     step = make_train_step(graphdef, optimizer, loss_fn, mesh, jax.tree.map(lambda x: x.sharding, state),
-                           compute_dtype=compute_dtype)
+                           compute_dtype=compute_dtype, remat=remat)
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(steps):
@@ -44,3 +44,37 @@ def test_bfloat16_compute_keeps_float32_masters():
     moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(state16.params),
                                                           jax.tree.leaves(state32.params))]
     assert 0 < max(moved) < 0.1
+
+
+def test_remat_policies_recompute_the_same_training():
+    """Remat changes what the backward pass keeps, not what it computes: the same losses and parameters."""
+    state, losses, _ = _run(jnp.float32)
+    for policy in ("dots", "block"):
+        state_r, losses_r, _ = _run(jnp.float32, remat=policy)
+        np.testing.assert_allclose(losses_r, losses, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(state_r.params), jax.tree.leaves(state.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_remat_keeps_less_for_the_backward_pass():
+    """What autodiff keeps (distill.plan.residual_bytes): 'block' keeps each block's input only."""
+    from flax import nnx
+
+    from distill.plan import residual_bytes
+    from nano.model import init_model
+
+    graphdef, params = nnx.split(init_model(TINY), nnx.Param)
+    tokens = jnp.zeros((4, 64), jnp.int32)
+
+    def kept(policy):
+        def loss(params):
+            model = nnx.merge(graphdef, params)
+            model.remat = policy
+            return model(tokens)[0].sum()
+
+        return residual_bytes(loss, params)
+
+    none, dots, block = kept("none"), kept("dots"), kept("block")
+    per_block_input = 4 * 64 * TINY.d_model * 4
+    assert block < dots < none
+    assert block <= TINY.num_layers * per_block_input + 4 * 64 * TINY.vocab_size * 4 + 4 * 64 * TINY.d_model * 8

@@ -140,7 +140,7 @@ def test_int4_codes_reach_the_file_unchanged(gptq_dir, float_export, tmp_path):
     assert abs(result["verification"]["ppl_ratio"] - 1) <= 0.02
     model, _ = load_model_dir(gptq_dir)
     weights = {n: w for n, w in flat_params(model).items() if isinstance(w, QuantizedWeight)}
-    stored = read_back(tmp_path / "gptq.tflite")
+    stored = list(read_back(tmp_path / "gptq.tflite"))
     assert len(stored) == len(weights) == result["int_weights_read_back"]
     for name, weight in weights.items():
         codes, scales = tflite_layout(weight)
@@ -153,12 +153,87 @@ def test_int4_codes_reach_the_file_unchanged(gptq_dir, float_export, tmp_path):
     assert result["bytes"] < 0.4 * float_export[1]["bytes"]
 
 
+def _graph(path):
+    """(model object, {op name: [(subgraph, operator)]}) of a .tflite, parsed with the TFLite schema."""
+    import mmap
+
+    from ai_edge_litert import schema_py_generated as schema
+
+    from export.weights import read_flatbuffer
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as file:
+        model = read_flatbuffer(file)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    ops = {}
+    for graph in model.subgraphs:
+        for op in graph.operators:
+            ops.setdefault(names[model.operatorCodes[op.opcodeIndex].builtinCode], []).append((graph, op))
+    return model, ops
+
+
+def _table(path):
+    return next(s for s in read_back(path) if s["codes"].shape == (TINY.vocab_size, TINY.d_model))
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4-b32", "fp16"])
 def test_float_model_quantized_on_the_way(tiny_model_dir, tmp_path, quant):
+    """RTN on the way, the embedding table at the scheme's bits; fp16 weights are FLOAT16 constants behind
+    DEQUANTIZE ops (the pattern XNNPACK loads as float16 weights)."""
+    from ai_edge_litert import schema_py_generated as schema
+
     result = export(str(tiny_model_dir), tmp_path / f"{quant}.tflite", ExportSettings(quant=quant, **SMALL))
     assert result["verification"]["ok"] and result["quant"] == quant
     n_int = 0 if quant == "fp16" else 4 * 7 + 1
     assert result["int_weights"] == result["int_weights_read_back"] == n_int
+    if quant == "fp16":
+        _, ops = _graph(result["out"])
+        producers = {(id(g), o.outputs[0]): o for g, o in ops["DEQUANTIZE"]}
+        for graph, op in ops["FULLY_CONNECTED"] + ops["EMBEDDING_LOOKUP"]:
+            dequantize = producers[(id(graph), op.inputs[1])]
+            assert graph.tensors[dequantize.inputs[0]].type == schema.TensorType.FLOAT16
+    else:
+        table = _table(result["out"])
+        in_int4_range = table["codes"].min() >= -8 and table["codes"].max() <= 7
+        assert (table["block_size"], in_int4_range) == ((32, True) if quant == "int4-b32" else (0, False))
+
+
+def test_weights_sit_after_the_flatbuffer_shared_by_every_signature(float_export, tiny_model):
+    """Every weight is a constant whose bytes follow the flatbuffer at (offset, size), written once and shared by
+    the signatures that use it, and equal to the model's (kernels in FULLY_CONNECTED's [out, in] layout); the
+    signatures take only tokens, positions and caches."""
+    path = float_export[1]["out"]
+    model, ops = _graph(path)
+    params = {n: np.asarray(v) for n, v in flat_params(tiny_model).items()}
+    data = Path(path).read_bytes()
+    header = min(b.offset for b in model.buffers if b.offset > 1)
+    assert header < len(data)
+    for signature in model.signatureDefs:
+        names = {t.name.decode() for t in signature.inputs}
+        assert names == {"tokens", "input_pos", *(n for n in names if n.startswith("kv_cache_"))}
+    weight_buffers = {graph.tensors[op.inputs[1]].buffer for graph, op in ops["FULLY_CONNECTED"]}
+    assert len(weight_buffers) == 4 * 7 + 1  # 7 projections per layer and the tied head, each stored once
+    table = {graph.tensors[op.inputs[1]].buffer for graph, op in ops["EMBEDDING_LOOKUP"]}
+    assert len(table) == 1 and table <= weight_buffers  # one table for the lookup (every signature) and the head
+    buffer = model.buffers[table.pop()]
+    stored = np.frombuffer(data[buffer.offset:buffer.offset + buffer.size], np.float32)
+    np.testing.assert_array_equal(stored.reshape(TINY.vocab_size, TINY.d_model), params["embedder.embedding"])
+    q_proj = next(graph.tensors[op.inputs[1]] for graph, op in ops["FULLY_CONNECTED"]
+                  if tuple(graph.tensors[op.inputs[1]].shape) == (TINY.num_heads * TINY.head_dim, TINY.d_model))
+    buffer = model.buffers[q_proj.buffer]
+    assert buffer.offset >= header and buffer.offset % 16 == 0
+    kernels = [params[f"layers.{i}.attn.q_proj.kernel"].T for i in range(TINY.num_layers)]
+    stored = np.frombuffer(data[buffer.offset:buffer.offset + buffer.size], np.float32).reshape(q_proj.shape)
+    assert any(np.array_equal(stored, k) for k in kernels)
+
+
+def test_embeddings_option(tiny_model_dir, gptq_dir, tmp_path):
+    result = export(str(tiny_model_dir), tmp_path / "e8.tflite",
+                    ExportSettings(quant="int4-b32", embeddings="int8", **SMALL))
+    assert result["verification"]["ok"] and _table(result["out"])["block_size"] == 0
+    assert _table(result["out"])["codes"].max() > 7  # int8 codes
+    out = tmp_path / "out" / "m.tflite"
+    assert_refused_cleanly(lambda: export(str(gptq_dir), out, ExportSettings(embeddings="int8", **SMALL)), out,
+                           "--embeddings applies when a float model is quantized")
 
 
 @pytest.mark.parametrize("case, settings, message", [
@@ -213,18 +288,6 @@ def test_cli_errors_are_one_line(tmp_path, tiny_model_dir):
                           text=True, timeout=120)
     error_lines = [l for l in proc.stderr.splitlines() if l.startswith("Error:")]
     assert proc.returncode == 1 and len(error_lines) == 1 and "neither a model directory" in error_lines[0]
-
-
-@pytest.mark.parametrize("bits, block, axis", [(4, 32, 0), (4, 32, 1), (4, 0, 0), (8, 0, 0), (8, 0, 1)])
-def test_numpy_dequantization_is_the_models(bits, block, axis):
-    """The export dequantizes in numpy (in place, for memory); the weight the converter sees must be bit-identical
-    to the one the JAX model computes with, or the codes could not be matched to it."""
-    from export.weights import dequantized
-    from nano.quant import QuantSpec, quantize_rtn
-
-    w = jnp.asarray(np.random.default_rng(bits + block + axis).normal(size=(64, 96)), jnp.float32)
-    q = quantize_rtn(w, QuantSpec(bits, block, axis))
-    np.testing.assert_array_equal(dequantized(q), np.asarray(q.dequantize()))
 
 
 def test_nano_export_is_the_same_command():

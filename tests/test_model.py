@@ -169,3 +169,18 @@ def test_padded_chunk_rows_are_neither_seen_nor_written(tiny_model):
     for a, b in zip((*want.k, *want.v), (*got.k, *got.v)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     assert got.k[0].shape[2] == TINY.sliding_window and got.k[1].shape[2] == 32  # local ring, global context
+
+
+def test_init_in_parts_equals_whole_model_init():
+    """init_param_parts (the export's way to make a preset larger than memory) gives init_model's exact values,
+    one part at a time: the embedding, each layer, the final norm."""
+    from nano.checkpoint import flat_params
+    from nano.model import init_param_parts
+
+    whole = {k: np.asarray(v) for k, v in flat_params(init_model(TINY, seed=3)).items()}
+    parts = list(init_param_parts(TINY, seed=3))
+    assert len(parts) == TINY.num_layers + 2 and all(parts)
+    merged = {k: np.asarray(v) for part in parts for k, v in part.items()}
+    assert merged.keys() == whole.keys() and sum(map(len, parts)) == len(whole)
+    for name, value in whole.items():
+        np.testing.assert_array_equal(merged[name], value, err_msg=name)
