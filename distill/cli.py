@@ -150,6 +150,7 @@ def cache_teacher_cmd(out, **kwargs):
 @click.option("--teacher", help="Teacher preset or model directory (default: none, e.g. --loss ce or a cache).")
 @click.option("--batch-size", default=_D.batch_size, show_default=True, help="Sequences per micro-batch (global).")
 @click.option("--seq-len", default=_D.seq_len, show_default=True)
+@click.option("--grad-accum", default=_D.grad_accum, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--mesh", help="As `nano distill --mesh` (default: data parallel over --devices).")
 @click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default=_D.compute_dtype,
               show_default=True)
@@ -206,15 +207,16 @@ def _print_plan(result: dict, gib: int) -> None:
     table.add_column("per device")
     table.add_column("GiB", justify="right")
     table.add_column("")
-    notes = {"parameters": "float32 masters", "gradients": "float32, within the step",
+    notes = {"parameters": "float32 masters",
+             "gradients": "float32, within the step" + (" (sum + micro-batch)" if s["grad_accum"] > 1 else ""),
              "optimizer": "AdamW moments", "activations": f"{s['compute_dtype']}, kept for backward + working set",
              "teacher": (f"{result['teacher']}: {est['teacher_params'] / gib:.2f} weights ({s['teacher_dtype']}) "
                          f"+ forward" if result["teacher"] else "none"),
              "kv_cache": "on-policy sampling" if s["on_policy"] else "(with --on-policy)"}
     for part, value in est["parts"].items():
         table.add_row(part.replace("_", " "), f"{value / gib:.2f}", notes[part])
-    table.add_row("peak", f"{est['total'] / gib:.2f}", "resident + the largest of step / teacher / sampling",
-                  style="bold")
+    table.add_row("peak", f"{est['total'] / gib:.2f}", "resident + the largest of backward / update / teacher / "
+                  "sampling", style="bold")
     if "measured" in result:
         table.add_row("XLA, compiled", f"{result['measured']['total'] / gib:.2f}",
                       f"estimate / measured {result['estimate_over_measured']:.2f}")

@@ -1,8 +1,8 @@
 """`nano plan`: will a distillation run fit? Each device's memory for one `nano distill` step, part by part.
 
 The estimate needs no devices and allocates nothing:
-- parameters, gradients and AdamW's two moments: float32, each parameter's shard under the partition rules
-  (distill.sharding) on the planned mesh;
+- parameters, gradients (twice when accumulating: the running sum and the micro-batch's) and AdamW's two
+  moments: float32, each parameter's shard under the partition rules (distill.sharding) on the planned mesh;
 - activations: what JAX's autodiff keeps for the backward pass under the remat policy (the residuals of the loss's
   VJP, traced on shapes for one device's share of the batch), plus the working set of the backward pass: one
   block's activations (recomputed when remat drops them), their gradients, and the loss's vocabulary chunk;
@@ -39,6 +39,7 @@ class PlanSettings:
     mesh: str | None = None  # like `nano distill --mesh`; None: data parallel over every device
     batch_size: int = 8
     seq_len: int = 256
+    grad_accum: int = 1
     compute_dtype: str = "float32"
     teacher_dtype: str = "float32"
     remat: str = "none"
@@ -155,16 +156,19 @@ def kv_cache_bytes(config: ModelConfig, settings: PlanSettings) -> int:
 def estimate(student: ModelConfig, teacher: ModelConfig | None, settings: PlanSettings) -> dict:
     """One device's bytes per part, the peak, and whether it fits in `settings.memory_gib`.
 
-    The parameters, the optimizer and the teacher's weights stay resident; gradients and activations live
-    within the train step, the teacher's forward within its own program, the KV cache within on-policy
-    sampling: the peak is the resident bytes plus the largest of those three."""
+    The parameters, the optimizer and the teacher's weights stay resident. The train step holds gradients and
+    activations during the backward pass, then gradients and AdamW's updates (two parameter-sized trees) during
+    the update; the teacher's forward runs in its own program, the KV cache within on-policy sampling: the peak
+    is the resident bytes plus the largest of those."""
     params = sharded_bytes(student, settings.mesh_sizes(), 4)
     teacher_params, teacher_forward = teacher_bytes(teacher, settings) if teacher is not None else (0, 0)
-    parts = {"parameters": params, "gradients": params, "optimizer": 2 * params,
+    # Accumulating over micro-batches keeps the running sum beside each micro-batch's gradients.
+    parts = {"parameters": params, "gradients": params * (2 if settings.grad_accum > 1 else 1), "optimizer": 2 * params,
              "activations": activation_bytes(student, settings), "teacher": teacher_params + teacher_forward,
              "kv_cache": kv_cache_bytes(student, settings) if settings.on_policy else 0}
     resident = params + parts["optimizer"] + teacher_params
-    peak = resident + max(parts["gradients"] + parts["activations"], teacher_forward, parts["kv_cache"])
+    step = max(parts["gradients"] + parts["activations"], 2 * params)
+    peak = resident + max(step, teacher_forward, parts["kv_cache"])
     return {"parts": parts, "teacher_params": teacher_params, "resident": resident, "total": peak,
             "memory": int(settings.memory_gib * GiB), "fits": peak <= settings.memory_gib * GiB,
             "mesh": settings.mesh_sizes(), "local_batch": settings.local_batch()}
@@ -197,7 +201,7 @@ def measure(student: ModelConfig, teacher: ModelConfig | None, settings: PlanSet
     shardings = state_shardings(abstract, mesh)
     step = make_train_step(model_graphdef(student), optimizer, make_loss(kind="fkl", vocab_chunk=settings.vocab_chunk),
                            mesh, shardings, compute_dtype=getattr(jnp, settings.compute_dtype), remat=settings.remat)
-    batch = {k: jax.ShapeDtypeStruct((1, *v.shape), v.dtype)
+    batch = {k: jax.ShapeDtypeStruct((settings.grad_accum, *v.shape), v.dtype)
              for k, v in _batch(student, settings.batch_size, settings.seq_len, settings.top_k).items()}
     train = step.lower(abstract, batch).compile().memory_analysis()
     state = train.alias_size_in_bytes  # the donated state: its input and output buffers are the same memory
@@ -213,7 +217,7 @@ def measure(student: ModelConfig, teacher: ModelConfig | None, settings: PlanSet
         weights = jax.tree.map(on_mesh, scorer.state, model_shardings(scorer.state, mesh))
         rows = NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh).spec))
         text = {k: on_mesh(batch[k], rows) for k in ("tokens", "positions", "segment_ids")}
-        keys = on_mesh(jax.ShapeDtypeStruct((1, 2), jnp.uint32), replicated(mesh))
+        keys = on_mesh(jax.ShapeDtypeStruct((settings.grad_accum, 2), jnp.uint32), replicated(mesh))
         score = scorer._score.lower(weights, text, keys).compile().memory_analysis()
         out["teacher_params"] = score.argument_size_in_bytes
         out["teacher_peak"] = score.argument_size_in_bytes + score.output_size_in_bytes + score.temp_size_in_bytes

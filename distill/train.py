@@ -135,9 +135,14 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
             (loss, metrics), grads = grad_fn(state.params, inputs, jax.random.fold_in(step_rng, i))
             return (jax.tree.map(jnp.add, grads_sum, grads), i + 1), (loss, metrics)
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, _), (losses, metrics) = jax.lax.scan(body, (zeros, 0), batch)
-        grads = jax.tree.map(lambda g: g / accum, grads)
+        if accum == 1:  # no accumulator: it would hold a second parameter-sized buffer through the backward pass
+            (loss, metrics), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch),
+                                             jax.random.fold_in(step_rng, 0))
+            losses, metrics = loss[None], jax.tree.map(lambda m: m[None], metrics)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, _), (losses, metrics) = jax.lax.scan(body, (zeros, 0), batch)
+            grads = jax.tree.map(lambda g: g / accum, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {k: jnp.mean(v) for k, v in metrics.items()}
