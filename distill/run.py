@@ -17,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -27,7 +28,7 @@ from distill.loop import EVAL_FILE, METRICS_FILE, LoopConfig, train
 from distill.mfu import forward_flops_per_token, measure_peak_flops, train_flops_per_token
 from distill.report import plot_run, read_jsonl
 from distill.settings import DistillSettings, qat_block_size
-from distill.sharding import make_mesh
+from distill.sharding import make_mesh, model_shardings
 from distill.teacher import OnlineTeacher, make_loss, random_teacher
 from distill.teacher_cache import CachedTeacher, cache_teacher, held_steps
 from distill.train import OptimConfig, fake_quantizer, model_graphdef
@@ -89,11 +90,15 @@ def run_cache_teacher(settings: DistillSettings, out: str | Path):
 
 
 def _load_teacher(settings: DistillSettings):
-    """(teacher, tokenizer): a model directory loaded in the teacher dtype, or with --random-teacher a preset
-    initialised with random weights, sharded on the mesh from the start."""
+    """(teacher, tokenizer), laid out on the run's mesh by the partition rules (one copy, which the scoring and
+    the evaluation share): a model directory loaded in the teacher dtype, or with --random-teacher a preset
+    initialised with random weights, sharded from the start."""
     dtype = getattr(jnp, settings.teacher_dtype)
     if not settings.random_teacher:
-        return load_model(settings.teacher, dtype=dtype)
+        teacher, tokenizer = load_model(settings.teacher, dtype=dtype)
+        graphdef, state = nnx.split(teacher)
+        state = jax.device_put(state, model_shardings(state, make_mesh(settings.mesh)))
+        return nnx.merge(graphdef, state), tokenizer
     config = resolve_config(settings.teacher)
     if config.vocab_size != GEMMA3_270M.vocab_size:
         raise NanoError(f"--random-teacher needs a preset with the embedded tokenizer's {GEMMA3_270M.vocab_size:,} "
