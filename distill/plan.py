@@ -50,7 +50,8 @@ class PlanSettings:
     def mesh_sizes(self) -> dict[str, int]:
         sizes = parse_mesh(self.mesh, devices=self.devices)
         if math.prod(sizes.values()) != self.devices:
-            raise NanoError(f"--mesh {self.mesh} has {math.prod(sizes.values())} devices, --devices is {self.devices}")
+            raise NanoError(f"--mesh {self.mesh} has {math.prod(sizes.values())} devices, "
+                            f"--devices is {self.devices}")
         return sizes
 
     def local_batch(self) -> int:
@@ -163,7 +164,8 @@ def estimate(student: ModelConfig, teacher: ModelConfig | None, settings: PlanSe
     params = sharded_bytes(student, settings.mesh_sizes(), 4)
     teacher_params, teacher_forward = teacher_bytes(teacher, settings) if teacher is not None else (0, 0)
     # Accumulating over micro-batches keeps the running sum beside each micro-batch's gradients.
-    parts = {"parameters": params, "gradients": params * (2 if settings.grad_accum > 1 else 1), "optimizer": 2 * params,
+    gradients = params * (2 if settings.grad_accum > 1 else 1)
+    parts = {"parameters": params, "gradients": gradients, "optimizer": 2 * params,
              "activations": activation_bytes(student, settings), "teacher": teacher_params + teacher_forward,
              "kv_cache": kv_cache_bytes(student, settings) if settings.on_policy else 0}
     resident = params + parts["optimizer"] + teacher_params
@@ -199,8 +201,9 @@ def measure(student: ModelConfig, teacher: ModelConfig | None, settings: PlanSet
 
     abstract = jax.eval_shape(create, jax.random.PRNGKey(0))
     shardings = state_shardings(abstract, mesh)
-    step = make_train_step(model_graphdef(student), optimizer, make_loss(kind="fkl", vocab_chunk=settings.vocab_chunk),
-                           mesh, shardings, compute_dtype=getattr(jnp, settings.compute_dtype), remat=settings.remat)
+    loss = make_loss(kind="fkl", vocab_chunk=settings.vocab_chunk)
+    step = make_train_step(model_graphdef(student), optimizer, loss, mesh, shardings,
+                           compute_dtype=getattr(jnp, settings.compute_dtype), remat=settings.remat)
     batch = {k: jax.ShapeDtypeStruct((settings.grad_accum, *v.shape), v.dtype)
              for k, v in _batch(student, settings.batch_size, settings.seq_len, settings.top_k).items()}
     train = step.lower(abstract, batch).compile().memory_analysis()

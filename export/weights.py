@@ -115,8 +115,9 @@ class _Binder:
         expected = tuple(value.shape[::-1]) if self.transposed(name) else tuple(value.shape)
         if expected != shape:
             raise NanoError(f"export: {name} is {expected} in TFLite's layout, the graph takes {shape}")
-        as_float = lambda dtype: lambda: np.ascontiguousarray(  # noqa: E731
-            (np.asarray(value, np.float32).T if self.transposed(name) else np.asarray(value, np.float32)).astype(dtype))
+        def as_float(dtype):  # the bytes, made when written
+            array = np.asarray(value, np.float32)
+            return lambda: np.ascontiguousarray((array.T if self.transposed(name) else array).astype(dtype))
         if not (self.float16 and uses and weight_slot):
             tensor.buffer = self.buffer(name, math.prod(shape) * 4, as_float(np.float32))
             return
