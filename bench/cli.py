@@ -30,8 +30,8 @@ from bench.run import BACKENDS
                    "report the ratios; needs `make peer`.")
 @click.option("--report", "report_dir", default=None, metavar="DIR", help="Write bench.md, bench.json, bench.png here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def bench_cmd(artifact, backend, threads, delegate, delegate_options, prefill_tokens, decode_tokens, repeats, text, model, vs_gguf,
-              report_dir, as_json):
+def bench_cmd(artifact, backend, threads, delegate, delegate_options, prefill_tokens, decode_tokens, repeats, text,
+              model, vs_gguf, report_dir, as_json):
     """Time an exported ARTIFACT (.tflite or .litertlm): load, time to first token, prefill and decode tokens/s,
     peak RSS, file size, and how close decode is to the memory-bandwidth limit; with --text, perplexity through
     the artifact; with --vs-gguf, llama.cpp on the same machine, threads and lengths.

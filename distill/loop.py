@@ -84,7 +84,8 @@ def train(run_dir: str | Path, student: ModelConfig, datasets, loss_fn: LossFn, 
     for path in (metrics_path, eval_path):
         _truncate(path, int(state.step))
     step_fn = make_train_step(graphdef, optimizer, loss_fn, mesh, shardings,
-                              compute_dtype=getattr(jnp, cfg.compute_dtype), remat=cfg.remat, param_transform=param_transform)
+                              compute_dtype=getattr(jnp, cfg.compute_dtype), remat=cfg.remat,
+                              param_transform=param_transform)
     view = param_transform or (lambda params: params)
     schedule = make_schedule(cfg.optim)
     tokens_per_step = cfg.grad_accum * datasets.batch_size * datasets.train.seq_len

@@ -80,13 +80,14 @@ def sharded_bytes(config: ModelConfig, sizes: dict[str, int], itemsize: int) -> 
     return total
 
 
-def _batch(config: ModelConfig, batch: int, seq: int, k: int) -> dict:
-    i32, f32 = jnp.int32, jnp.float32
+def _batch(batch: int, seq: int, k: int) -> dict:
+    """A train step's batch, shapes only: the data's arrays (distill.data.BATCH_KEYS) and the sparse teacher's."""
+    from distill.data import BATCH_KEYS
+
     shape = (batch, seq)
-    return {"tokens": jax.ShapeDtypeStruct(shape, i32), "targets": jax.ShapeDtypeStruct(shape, i32),
-            "positions": jax.ShapeDtypeStruct(shape, i32), "segment_ids": jax.ShapeDtypeStruct(shape, i32),
-            "weights": jax.ShapeDtypeStruct(shape, f32), "teacher_ids": jax.ShapeDtypeStruct((*shape, k), i32),
-            "teacher_logprobs": jax.ShapeDtypeStruct((*shape, k), f32)}
+    data = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "weights" else jnp.int32) for key in BATCH_KEYS}
+    return {**data, "teacher_ids": jax.ShapeDtypeStruct((*shape, k), jnp.int32),
+            "teacher_logprobs": jax.ShapeDtypeStruct((*shape, k), jnp.float32)}
 
 
 def residual_bytes(f, *args) -> int:
@@ -121,7 +122,7 @@ def activation_bytes(config: ModelConfig, settings: PlanSettings) -> int:
         net.dtype, net.remat = dtype, settings.remat
         return loss(net, batch, None)[0]
 
-    kept = residual_bytes(step_loss, params, _batch(config, b, s, settings.top_k))
+    kept = residual_bytes(step_loss, params, _batch(b, s, settings.top_k))
     # The backward pass's working set: one block's full activations (recomputed there under remat) and their
     # gradients, and one vocabulary chunk's logits, probabilities and gradient.
     block = nnx.eval_shape(lambda: Block(config, config.layer_types[0], rngs=nnx.Rngs(0)))
@@ -185,27 +186,22 @@ def measure(student: ModelConfig, teacher: ModelConfig | None, settings: PlanSet
 
     from distill.sharding import batch_sharding, make_mesh, model_shardings, replicated
     from distill.teacher import OnlineTeacher, make_loss
-    from distill.train import (OptimConfig, TrainState, make_optimizer, make_train_step, model_graphdef,
+    from distill.train import (OptimConfig, abstract_state, make_optimizer, make_train_step, model_graphdef,
                                state_shardings)
-    from nano.model import Decoder, abstract_model
+    from nano.model import abstract_model
 
     if jax.device_count() != settings.devices:
         raise NanoError(f"measuring needs {settings.devices} devices, this process has {jax.device_count()} (for "
                         f"fake CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count={settings.devices})")
     mesh = make_mesh(",".join(f"{a}={n}" for a, n in settings.mesh_sizes().items()))
     optimizer = make_optimizer(OptimConfig())
-
-    def create(key):
-        params = nnx.state(Decoder(student, rngs=nnx.Rngs(key)), nnx.Param)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=key)
-
-    abstract = jax.eval_shape(create, jax.random.PRNGKey(0))
+    abstract = abstract_state(student, optimizer)
     shardings = state_shardings(abstract, mesh)
     loss = make_loss(kind="fkl", vocab_chunk=settings.vocab_chunk)
     step = make_train_step(model_graphdef(student), optimizer, loss, mesh, shardings,
                            compute_dtype=getattr(jnp, settings.compute_dtype), remat=settings.remat)
     batch = {k: jax.ShapeDtypeStruct((settings.grad_accum, *v.shape), v.dtype)
-             for k, v in _batch(student, settings.batch_size, settings.seq_len, settings.top_k).items()}
+             for k, v in _batch(settings.batch_size, settings.seq_len, settings.top_k).items()}
     train = step.lower(abstract, batch).compile().memory_analysis()
     state = train.alias_size_in_bytes  # the donated state: its input and output buffers are the same memory
     out = {"state": state, "train_temp": train.temp_size_in_bytes,

@@ -79,18 +79,30 @@ def model_graphdef(config: ModelConfig):
     return nnx.graphdef(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0))))
 
 
+def _state_factory(config: ModelConfig, optimizer: optax.GradientTransformation):
+    """create(key, params) -> TrainState: the random initialisation (or `params`, when given) and its optimizer
+    state at step 0."""
+    def create(key, given=None):
+        model = Decoder(config, rngs=nnx.Rngs(key))
+        model_params = nnx.state(model, nnx.Param) if given is None else given
+        return TrainState(step=jnp.zeros((), jnp.int32), params=model_params,
+                          opt_state=optimizer.init(model_params), rng=jax.random.fold_in(key, 1))
+
+    return create
+
+
+def abstract_state(config: ModelConfig, optimizer: optax.GradientTransformation) -> TrainState:
+    """The TrainState's shapes and dtypes, nothing allocated."""
+    return jax.eval_shape(_state_factory(config, optimizer), jax.random.PRNGKey(0))
+
+
 def init_state(config: ModelConfig, optimizer: optax.GradientTransformation, *, seed: int, mesh: Mesh,
                params: nnx.State | None = None):
     """(graphdef, TrainState) created already sharded: no device ever holds the whole unsharded model.
 
     `params` (e.g. layers kept from the teacher) replace the random initialisation.
     """
-    def create(key, given):
-        model = Decoder(config, rngs=nnx.Rngs(key))
-        model_params = nnx.state(model, nnx.Param) if given is None else given
-        return TrainState(step=jnp.zeros((), jnp.int32), params=model_params,
-                          opt_state=optimizer.init(model_params), rng=jax.random.fold_in(key, 1))
-
+    create = _state_factory(config, optimizer)
     graphdef = model_graphdef(config)
     key = jax.random.PRNGKey(seed)  # a raw uint32 key: checkpoints store it like any array
     shardings = state_shardings(jax.eval_shape(create, key, params), mesh)

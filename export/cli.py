@@ -37,7 +37,8 @@ class _Command(OneLineErrors, click.Command):
 @click.option("--threads", type=int, default=None, help="CPU threads for verification (default: all).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export_cmd(model, out, quant, embeddings, prefill_lengths, max_tokens, no_verify, random_init, threads, force, as_json):
+def export_cmd(model, out, quant, embeddings, prefill_lengths, max_tokens, no_verify, random_init, threads, force,
+               as_json):
     """Export MODEL (a model directory, the embedded teacher's name, or with --random-init a preset) to LiteRT.
 
     \b
@@ -53,8 +54,8 @@ def export_cmd(model, out, quant, embeddings, prefill_lengths, max_tokens, no_ve
     from export.runtime import quiet_native_teardown
 
     quiet_native_teardown()  # under `nano export` as under `nano-export`
-    settings = ExportSettings(quant=quant, embeddings=embeddings, prefill_lengths=parse_lengths(prefill_lengths), max_tokens=max_tokens,
-                              verify=not no_verify, random_init=random_init, threads=threads)
+    settings = ExportSettings(quant=quant, embeddings=embeddings, prefill_lengths=parse_lengths(prefill_lengths),
+                              max_tokens=max_tokens, verify=not no_verify, random_init=random_init, threads=threads)
     result = export(model, out, settings, force=force)
     if as_json:
         click.echo(json.dumps(result, indent=2))

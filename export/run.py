@@ -103,12 +103,9 @@ def _rtn_specs(config, scheme: str, embeddings: str | None) -> dict:
         return {}
     shapes = param_shapes(config)
     embeddings = embeddings or ("int8" if bits[0] == 8 else "int4")
+    specs = tensor_specs(shapes, block_size=bits[1] or 32, embeddings=embeddings)  # an int4 table: blocks of 32
     if bits[0] == 8:
-        specs = {n: QuantSpec(8, CHANNEL, 0) for n in shapes if n.endswith(".kernel")}
-    else:
-        specs = tensor_specs(shapes, block_size=bits[1], embeddings="float")
-    if embeddings != "float":
-        specs["embedder.embedding"] = QuantSpec(8, CHANNEL, 1) if embeddings == "int8" else QuantSpec(4, bits[1] or 32, 1)
+        specs.update({n: QuantSpec(8, CHANNEL, 0) for n in shapes if n.endswith(".kernel")})
     for name, spec in specs.items():
         try:
             spec.block(shapes[name])
