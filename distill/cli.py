@@ -7,7 +7,8 @@ import json
 
 import click
 
-from distill.settings import DistillSettings, parse_layers
+from distill.settings import SPARSE_TARGETS, DistillSettings, parse_layers
+from quantize.settings import EMBEDDINGS
 
 _D = DistillSettings()
 
@@ -28,7 +29,7 @@ def _data_options(f):
         click.option("--grad-accum", default=_D.grad_accum, show_default=True,
                      help="Micro-batches per optimizer step."),
         click.option("--top-k", default=_D.top_k, show_default=True,
-                     help="Teacher tokens kept per position (renormalised over them)."),
+                     help="Teacher tokens kept per position (see --sparse-target)."),
         click.option("--sample-mode", type=click.Choice(["sample", "top"]), default=_D.sample_mode,
                      show_default=True, help="The k tokens: drawn by teacher probability, or the k largest."),
         click.option("--random-teacher", is_flag=True,
@@ -64,6 +65,10 @@ def _distributed(coordinator, num_processes, process_id):
 @click.option("--alpha", default=_D.alpha, show_default=True, help="Weight of next-token CE mixed into the loss.")
 @click.option("--temperature", default=_D.temperature, show_default=True)
 @click.option("--beta", default=_D.beta, show_default=True, help="JSD's beta.")
+@click.option("--sparse-target", type=click.Choice(SPARSE_TARGETS), default=_D.sparse_target, show_default=True,
+              help="The teacher's k tokens renormalised over themselves (Gemma 3), or kept at their full-vocabulary "
+                   "probabilities with the rest of the mass as one more outcome, so that the loss is least at the "
+                   "teacher itself (--temperature 1; for QAT and flat teachers).")
 @click.option("--teacher-cache", type=click.Path(file_okay=False),
               help="Read the teacher from a cache written by `nano distill cache-teacher` (same data options).")
 @click.option("--on-policy-fraction", default=_D.on_policy_fraction, show_default=True,
@@ -80,9 +85,12 @@ def _distributed(coordinator, num_processes, process_id):
                    "matmul outputs; 'block' keeps only each block's input (the Nano sizes need it; see `nano plan`).")
 @click.option("--qat", default=None, metavar="SCHEME",
               help="Quantization-aware training: the forward pass rounds weights to SCHEME (int4-b32, int4-b128, "
-                   "int4-channel; embedding int8) with straight-through gradients; also writes RUN/final-SCHEME. "
-                   "Gemma 3's recipe: --student and --teacher both the float model, a small --lr (3e-5) and "
-                   "--sample-mode top.")
+                   "int4-channel; the embedding as --qat-embeddings) with straight-through gradients; also writes "
+                   "RUN/final-SCHEME. Gemma 3's recipe: --student and --teacher both the float model, a small "
+                   "--lr (3e-5 to 1e-4) and --sparse-target rest.")
+@click.option("--qat-embeddings", type=click.Choice(EMBEDDINGS), default=_D.qat_embeddings,
+              show_default=True, help="The tied embedding / output head under --qat: int8 per row, int4 in the "
+                                      "scheme's blocks (what `nano-export --quant int4-b32` writes), or float.")
 @click.option("--eval-every", default=_D.eval_every, show_default=True, help="Steps between evals (0: at the end).")
 @click.option("--eval-batches", default=_D.eval_batches, show_default=True, help="Held-out batches per eval.")
 @click.option("--eval-text", multiple=True, type=click.Path(dir_okay=False, exists=True),
@@ -105,7 +113,8 @@ def distill_cmd(ctx, out, resume, distributed, coordinator, num_processes, proce
     nano distill cache-teacher --data stdlib --steps 200 --out runs/teacher-cache
     nano distill --teacher-cache runs/teacher-cache --data stdlib --steps 200 --out runs/kd
     nano distill --loss ce --data stdlib --steps 200 --out runs/ce      # the no-teacher baseline
-    nano distill --qat int4-b32 --student runs/kd/final --teacher runs/kd/final --lr 3e-5 --out runs/qat
+    nano distill --qat int4-b32 --student runs/kd/final --teacher runs/kd/final --lr 1e-4 --sparse-target rest \\
+        --out runs/qat
 
     Writes RUN/metrics.jsonl, eval.jsonl, checkpoints/, final/ (the student as a model directory),
     loss_curve.png and report.json.

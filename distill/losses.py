@@ -22,6 +22,13 @@ entropy: Σ P̃ log(P̃/Q) ≥ 0, and 0 only when the student matches the teache
 "rkl" and "jsd" restrict the student to the same k ids too, renormalised there (a reverse KL needs the teacher
 everywhere the student has mass). Ids whose teacher log-prob is -inf (k above the teacher's support) are left out.
 
+Renormalising teaches the student to drop the teacher's mass outside the k ids: harmless for a sharp teacher, a
+steady pull away from the teacher for a flat one (the top 256 of a perplexity-150 model hold a fraction of its
+mass), and fatal to QAT, whose targets are the model's own float probabilities. With `rest=True` (τ = 1 only)
+both sides keep their full-vocabulary probabilities at the k ids and gain one more outcome, everything else,
+with mass 1 − Σ: a divergence between two (k + 1)-outcome distributions, never above the full one (they merge
+outcomes), equal to it when the k ids hold all the mass, and zero when the student is the teacher.
+
 `distill_loss_from_hidden` never builds [B, T, V] student logits: it scans the vocabulary in chunks (online
 logsumexp, the logits at the teacher ids and targets picked up chunk by chunk) and recomputes each chunk on the
 backward pass, so peak memory is [B, T, vocab_chunk]. A softcap in `head_fn` is elementwise, so this is exact.
@@ -164,13 +171,30 @@ def sparse_logprobs(teacher: SparseTeacher, temperature: float = 1.0) -> jax.Arr
     return jax.nn.log_softmax(jnp.where(valid, teacher.logprobs.astype(jnp.float32) / temperature, _NEG), axis=-1)
 
 
-def _sparse_kd(student_at_ids, student_lse, teacher: SparseTeacher, *, kind, temperature, beta):
+# The rest's mass is kept at least this: log(rest) and its gradient stay finite when the k ids hold everything.
+_REST_FLOOR = 1e-6
+
+
+def _with_rest(logprobs: jax.Array) -> jax.Array:
+    """[..., k + 1]: the k log-probs and log(1 − Σ exp), the mass on every other token."""
+    covered = jnp.minimum(jax.nn.logsumexp(logprobs, axis=-1, keepdims=True), math.log1p(-_REST_FLOOR))
+    # log(1 − e^c) two ways, each accurate on its side of −log 2 (Mächler's log1mexp)
+    rest = jnp.where(covered > -math.log(2.0), jnp.log(-jnp.expm1(covered)), jnp.log1p(-jnp.exp(covered)))
+    return jnp.concatenate([logprobs, rest], axis=-1)
+
+
+def _sparse_kd(student_at_ids, student_lse, teacher: SparseTeacher, *, kind, temperature, beta, rest=False):
     """Per-token divergence [B, T] against a sparse teacher (τ² not applied).
 
     student_at_ids [B, T, k]: the student's raw logits at the teacher ids; student_lse [B, T]: logsumexp over the
-    whole vocabulary of the student's logits / τ."""
-    logp = sparse_logprobs(teacher, temperature)
+    whole vocabulary of the student's logits / τ. `rest`: compare k + 1 outcomes instead of renormalising."""
     scaled = student_at_ids.astype(jnp.float32) / temperature
+    if rest:
+        valid = jnp.isfinite(teacher.logprobs)
+        logp = jnp.where(valid, teacher.logprobs.astype(jnp.float32), _NEG)
+        logq = jnp.where(valid, scaled - student_lse[..., None], _NEG)
+        return divergence(_with_rest(logp), _with_rest(logq), kind=kind, beta=beta)
+    logp = sparse_logprobs(teacher, temperature)
     if kind == "fkl":  # against the student's full-vocabulary distribution
         return _kl(logp, scaled - student_lse[..., None])
     valid = jnp.isfinite(teacher.logprobs)
@@ -178,7 +202,7 @@ def _sparse_kd(student_at_ids, student_lse, teacher: SparseTeacher, *, kind, tem
     return divergence(logp, logq, kind=kind, beta=beta)
 
 
-def _check(kind, alpha, temperature, beta, teacher):
+def _check(kind, alpha, temperature, beta, teacher, rest=False):
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not 0.0 <= alpha <= 1.0:
@@ -189,6 +213,9 @@ def _check(kind, alpha, temperature, beta, teacher):
         raise ValueError(f"beta must be strictly between 0 and 1 (use kind 'fkl' or 'rkl' for the limits), got {beta}")
     if kind != "ce" and teacher is None:
         raise ValueError(f"kind {kind!r} needs a teacher")
+    if rest and temperature != 1.0:
+        raise ValueError("rest=True compares full-vocabulary probabilities, known for the teacher at temperature 1 "
+                         f"only; got temperature {temperature}")
 
 
 def _weighted_mean(x, weights):
@@ -224,28 +251,30 @@ def _teacher_top1(teacher):
 
 
 def kd_per_token(student_logits: jax.Array, teacher: jax.Array | SparseTeacher, *, kind: str,
-                 temperature: float = 1.0, beta: float = 0.5) -> jax.Array:
+                 temperature: float = 1.0, beta: float = 0.5, rest: bool = False) -> jax.Array:
     """The divergence [B, T] at each position, unscaled (no τ²), from full student logits [B, T, V]."""
     if isinstance(teacher, SparseTeacher):
         at_ids = jnp.take_along_axis(student_logits, teacher.ids, axis=-1)
         lse = jax.nn.logsumexp(student_logits.astype(jnp.float32) / temperature, axis=-1)
-        return _sparse_kd(at_ids, lse, teacher, kind=kind, temperature=temperature, beta=beta)
+        return _sparse_kd(at_ids, lse, teacher, kind=kind, temperature=temperature, beta=beta, rest=rest)
     return _full_kd(student_logits, teacher, kind=kind, temperature=temperature, beta=beta)
 
 
 def distill_loss(student_logits: jax.Array, targets: jax.Array, weights: jax.Array,
                  teacher: jax.Array | SparseTeacher | None = None, *, kind: str, alpha: float = 0.0,
-                 temperature: float = 1.0, beta: float = 0.5) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 temperature: float = 1.0, beta: float = 0.5,
+                 rest: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, metrics) from full student logits [B, T, V], next tokens `targets` [B, T] and `weights` [B, T]
     (0 for padding and positions without a next token). `teacher`: logits [B, T, V], a SparseTeacher, or None
-    for kind "ce". Metrics: loss, ce, kd (τ²-scaled), teacher_student_top1, tokens (the weight sum)."""
-    _check(kind, alpha, temperature, beta, teacher)
+    for kind "ce". Metrics: loss, ce, kd (τ²-scaled), teacher_student_top1, tokens (the weight sum). `rest`: a
+    sparse teacher's other tokens as one more outcome (see the module's docstring)."""
+    _check(kind, alpha, temperature, beta, teacher, rest)
     logits = student_logits.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     ce = jax.nn.logsumexp(logits, axis=-1) - picked
     if kind == "ce":
         return _combine(ce, None, None, weights, kind=kind, alpha=alpha, temperature=temperature)
-    kd = kd_per_token(logits, teacher, kind=kind, temperature=temperature, beta=beta)
+    kd = kd_per_token(logits, teacher, kind=kind, temperature=temperature, beta=beta, rest=rest)
     agree = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1)) == _teacher_top1(teacher)
     return _combine(ce, kd, agree, weights, kind=kind, alpha=alpha, temperature=temperature)
 
@@ -306,13 +335,13 @@ def distill_loss_from_hidden(hidden: jax.Array, head_fn, embedding: jax.Array, t
                              weights: jax.Array, teacher: SparseTeacher | None = None, *, kind: str,
                              alpha: float = 0.0, temperature: float = 1.0, beta: float = 0.5,
                              vocab_chunk: int = 16384, ce_weights: jax.Array | None = None,
-                             remat: bool | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                             remat: bool | None = None, rest: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`distill_loss` on the logits head_fn(hidden, embedding) without building them: hidden [B, T, d] final
     states, `head_fn(hidden, rows)` the logits of vocabulary rows [V', d] (e.g. `model.head`), embedding [V, d].
     Peak memory is [B, T, vocab_chunk] with `remat` (recompute each chunk for the gradient), [B, T, V] without;
     None chooses by REMAT_ABOVE_BYTES. The teacher must be sparse (or None for kind "ce"). `ce_weights`, when
-    given, replace `weights` for the CE term (on-policy rows: 0)."""
-    _check(kind, alpha, temperature, beta, teacher)
+    given, replace `weights` for the CE term (on-policy rows: 0). `rest` as in `distill_loss`."""
+    _check(kind, alpha, temperature, beta, teacher, rest)
     if teacher is not None and not isinstance(teacher, SparseTeacher):
         raise ValueError("the chunked loss takes a SparseTeacher; use distill_loss for full teacher logits")
     if vocab_chunk < 1:
@@ -324,7 +353,7 @@ def distill_loss_from_hidden(hidden: jax.Array, head_fn, embedding: jax.Array, t
     ce = lse - at_target
     if kind == "ce":
         return _combine(ce, None, None, weights, kind=kind, alpha=alpha, temperature=temperature)
-    kd = _sparse_kd(at_ids, lse_tau, teacher, kind=kind, temperature=temperature, beta=beta)
+    kd = _sparse_kd(at_ids, lse_tau, teacher, kind=kind, temperature=temperature, beta=beta, rest=rest)
     top = jnp.argmax(teacher.logprobs, axis=-1)[..., None]  # the teacher's top id, among its k
     agree = jax.lax.stop_gradient(jnp.take_along_axis(at_ids, top, axis=-1)[..., 0]) >= best
     return _combine(ce, kd, agree, weights, kind=kind, alpha=alpha, temperature=temperature, ce_weights=ce_weights)

@@ -178,7 +178,7 @@ def distill(settings: DistillSettings, run_dir: str | Path, *, resume: bool = Fa
                       remat=settings.remat, eval_every=settings.eval_every,
                       optim=OptimConfig(lr=settings.lr, warmup_steps=warmup, total_steps=settings.steps))
     loss = make_loss(kind=settings.loss, alpha=settings.alpha, temperature=settings.temperature, beta=settings.beta,
-                     vocab_chunk=settings.vocab_chunk)
+                     vocab_chunk=settings.vocab_chunk, rest=settings.sparse_target == "rest")
     qat = _qat_specs(settings, config)
     graphdef, state = train(run_dir, config, datasets, loss, loop, resume=resume,
                             init_params=None if init is None else params_state(config, init),
@@ -203,7 +203,8 @@ def distill(settings: DistillSettings, run_dir: str | Path, *, resume: bool = Fa
 def _qat_specs(settings: DistillSettings, config):
     if settings.qat is None:
         return None
-    return tensor_specs(param_shapes(config), block_size=qat_block_size(settings.qat), embeddings="int8")
+    return tensor_specs(param_shapes(config), block_size=qat_block_size(settings.qat),
+                        embeddings=settings.qat_embeddings)
 
 
 def _save_quantized(student, tokenizer, settings: DistillSettings, out: Path, extra: dict):
@@ -211,7 +212,8 @@ def _save_quantized(student, tokenizer, settings: DistillSettings, out: Path, ex
     from quantize.pipeline import quantize_model
     from quantize.settings import QuantizeSettings
 
-    quant, info = quantize_model(student, tokenizer, QuantizeSettings(block_size=qat_block_size(settings.qat)))
+    scheme = QuantizeSettings(block_size=qat_block_size(settings.qat), embeddings=settings.qat_embeddings)
+    quant, info = quantize_model(student, tokenizer, scheme)
     save_model(quant, tokenizer, out, overwrite=True, extra=extra,
                quant_info={**info, "source": {"model": str(out.parent / FINAL_DIR), "qat": settings.qat}})
     return quant

@@ -8,9 +8,11 @@ import dataclasses
 import json
 
 from nano.errors import NanoError
+from quantize.settings import EMBEDDINGS
 
 LOSS_KINDS = ("fkl", "rkl", "jsd", "ce")  # also distill.losses.KINDS
 REMAT = ("none", "dots", "block")  # nano.model.REMAT_POLICIES
+SPARSE_TARGETS = ("renormalise", "rest")
 
 
 def parse_layers(text: str) -> list[int]:
@@ -49,6 +51,7 @@ class DistillSettings:
     beta: float = 0.5
     top_k: int = 256
     sample_mode: str = "sample"  # the k teacher ids: "sample" (by teacher probability) or "top"
+    sparse_target: str = "renormalise"  # the teacher over its k ids ("renormalise"), or k ids + the rest ("rest")
     teacher_cache: str | None = None
     on_policy_fraction: float = 0.0
     keep_layers: tuple[int, ...] | None = None
@@ -69,6 +72,7 @@ class DistillSettings:
     random_teacher: bool = False  # --teacher is a preset initialised with random weights (throughput runs)
     vocab_chunk: int = 16384
     qat: str | None = None  # quantization-aware training for this scheme, e.g. "int4-b32"
+    qat_embeddings: str = "int8"  # the tied embedding under --qat: int8 per row, int4 in the scheme's blocks, float
 
     def check(self) -> None:
         if self.loss not in LOSS_KINDS:
@@ -85,8 +89,17 @@ class DistillSettings:
                             "positive")
         if self.sample_mode not in ("sample", "top"):
             raise NanoError(f"--sample-mode must be 'sample' or 'top', got {self.sample_mode!r}")
+        if self.sparse_target not in SPARSE_TARGETS:
+            raise NanoError(f"--sparse-target must be one of {', '.join(SPARSE_TARGETS)}, got {self.sparse_target!r}")
+        if self.sparse_target == "rest" and self.temperature != 1.0:
+            raise NanoError("--sparse-target rest compares full-vocabulary probabilities, which the teacher gives at "
+                            f"--temperature 1 only (got {self.temperature})")
         if self.qat is not None:
             qat_block_size(self.qat)
+        if self.qat_embeddings not in EMBEDDINGS:
+            raise NanoError(f"--qat-embeddings must be one of {', '.join(EMBEDDINGS)}, got {self.qat_embeddings!r}")
+        if self.qat is None and self.qat_embeddings != "int8":
+            raise NanoError("--qat-embeddings sets the embedding's form under --qat; pass --qat SCHEME too")
         if self.remat not in REMAT:
             raise NanoError(f"--remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
         for dtype in (self.compute_dtype, self.teacher_dtype):

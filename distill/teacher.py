@@ -65,8 +65,9 @@ class OnlineTeacher:
 
 
 def make_loss(*, kind: str, alpha: float = 0.0, temperature: float = 1.0, beta: float = 0.5,
-              vocab_chunk: int = 16384):
-    """loss_fn(model, batch, rng) for the train step: the vocabulary-chunked distillation loss."""
+              vocab_chunk: int = 16384, rest: bool = False):
+    """loss_fn(model, batch, rng) for the train step: the vocabulary-chunked distillation loss (`rest`: the
+    teacher's other tokens as one more outcome instead of renormalising over its k; see distill.losses)."""
 
     def loss_fn(model: Decoder, batch: dict, rng):
         hidden, _ = model(batch["tokens"], batch["positions"], segment_ids=batch["segment_ids"],
@@ -76,6 +77,6 @@ def make_loss(*, kind: str, alpha: float = 0.0, temperature: float = 1.0, beta: 
         return distill_loss_from_hidden(hidden, model.head, model.embedder.embedding[...], batch["targets"],
                                         batch["weights"], teacher, kind=kind, alpha=alpha,
                                         temperature=temperature, beta=beta, vocab_chunk=vocab_chunk,
-                                        ce_weights=batch.get("ce_weights"))
+                                        ce_weights=batch.get("ce_weights"), rest=rest)
 
     return loss_fn

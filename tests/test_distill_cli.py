@@ -129,6 +129,8 @@ def test_resume_continues_and_refuses_other_settings(tmp_path, tiny_model_dir, c
     (("--keep-layers", "0,x"), "layer indices"),
     (("--teacher-cache", "nowhere"), "not a teacher cache"),
     (("--qat", "int3-b32"), "--qat takes"),
+    (("--qat-embeddings", "int4"), "pass --qat SCHEME too"),
+    (("--sparse-target", "rest", "--temperature", "2"), "--temperature 1 only"),
 ])
 def test_bad_settings_give_one_error_line(tmp_path, tiny_model_dir, corpus, extra, message):
     result = nano("distill", *data_args(tiny_model_dir, corpus), *COMMON, *extra, "--out", tmp_path / "run", ok=False)

@@ -155,6 +155,43 @@ def test_sparse_with_every_id_equals_full(kind, beta, tau):
         _close(kd_per_token(student, everything, kind=kind, temperature=tau, beta=beta), full, 2e-6)
 
 
+@pytest.mark.parametrize("kind,beta", DIVERGENCES)
+def test_rest_target_merges_the_other_tokens_into_one_outcome(kind, beta):
+    """rest=True: the k ids at their full-vocabulary probabilities plus one outcome for every other token, on both
+    sides; equal to the float64 formula, never above the full divergence for FKL, equal to it with every id."""
+    student, teacher, _, _ = _batch(8)
+    top = sparse_from_logits(teacher, 8, mode="top")
+    p, q = np.exp(_np_log_softmax(teacher)), np.exp(_np_log_softmax(student))
+    ids = np.asarray(top.ids)
+
+    def coarse(x):
+        picked = np.take_along_axis(x, ids, -1)
+        return np.concatenate([picked, 1 - picked.sum(-1, keepdims=True)], -1)
+
+    value = kd_per_token(student, top, kind=kind, beta=beta, rest=True)
+    _close(value, _np_div(coarse(p), coarse(q), kind, beta), 1e-5)
+    if kind == "fkl":
+        assert np.all(np.asarray(value) <= _np_div(p, q, kind, beta) + 1e-6)
+    everything = sparse_from_logits(teacher, V, mode="top")
+    _close(kd_per_token(student, everything, kind=kind, beta=beta, rest=True),
+           kd_per_token(student, teacher, kind=kind, beta=beta), 2e-5)
+
+
+def test_rest_target_is_least_at_the_teacher():
+    """Against a flat teacher's top 8, renormalising pulls a student that already is the teacher away from it;
+    with the rest as an outcome the loss is 0 there and so is its gradient."""
+    _, teacher, targets, weights = _batch(9)
+    flat = teacher * 0.2
+    top = sparse_from_logits(flat, 8, mode="top")
+    grads = {rest: jax.grad(lambda s, r=rest: distill_loss(s, targets, weights, top, kind="fkl", rest=r)[0])(flat)
+             for rest in (False, True)}
+    assert float(jnp.abs(grads[True]).max()) <= 1e-6
+    assert float(jnp.abs(grads[False]).max()) > 1e-3
+    _close(kd_per_token(flat, top, kind="fkl", rest=True), 0.0, 1e-6)
+    with pytest.raises(ValueError, match="temperature 1"):
+        distill_loss(flat, targets, weights, top, kind="fkl", temperature=2.0, rest=True)
+
+
 def test_top_k_picks_the_largest():
     teacher = _logits(6)
     top = sparse_from_logits(teacher, 10, mode="top")
@@ -266,13 +303,13 @@ def test_chunked_equals_unchunked_values_and_gradients(vocab, chunk, cap):
     @jax.jit  # every kind in one program: one compile per case
     def values_and_grads(hidden, embedding):
         out = {}
-        for kind in kinds:
-            options = dict(kind=kind, alpha=alpha, temperature=tau, beta=0.3)
+        for kind, rest in [(k, False) for k in kinds] + [(k, True) for k in kinds[1:]]:
+            options = dict(kind=kind, alpha=alpha, temperature=1.0 if rest else tau, beta=0.3, rest=rest)
             full = lambda h, e: distill_loss(head(h, e), targets, weights, teacher, **options)  # noqa: E731
             chunked = [lambda h, e, r=remat: distill_loss_from_hidden(h, head, e, targets, weights, teacher,
                                                                       vocab_chunk=chunk, remat=r, **options)
                        for remat in (True, False)]  # chunks recomputed for the gradient, or kept
-            out[kind] = [jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hidden, embedding)
+            out[kind, rest] = [jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hidden, embedding)
                          for f in (full, *chunked)]
         return out
 

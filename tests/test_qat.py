@@ -25,11 +25,12 @@ def ce(model, batch, rng):
     return jnp.mean(nll), {"ce": jnp.mean(nll)}
 
 
-def test_qat_step_runs_the_forward_on_the_int4_grid():
+@pytest.mark.parametrize("embeddings", ["int8", "int4"])
+def test_qat_step_runs_the_forward_on_the_int4_grid(embeddings):
     mesh = make_mesh(None)
     optimizer = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=1, total_steps=2))
     graphdef, state = init_state(TINY, optimizer, seed=0, mesh=mesh)
-    specs = tensor_specs(param_shapes(TINY), block_size=32)
+    specs = tensor_specs(param_shapes(TINY), block_size=32, embeddings=embeddings)
     step = make_train_step(graphdef, optimizer, ce, mesh, jax.tree.map(lambda x: x.sharding, state),
                            param_transform=fake_quantizer(specs))
     tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, (1, 4, 32)).astype(np.int32)
@@ -62,7 +63,8 @@ def test_qat_scheme_names():
             qat_block_size(bad)
 
 
-def test_nano_distill_qat_writes_the_quantized_student(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("embeddings, embedding_spec", [("int8", QuantSpec(8, 0, 1)), ("int4", QuantSpec(4, 32, 1))])
+def test_nano_distill_qat_writes_the_quantized_student(tmp_path, tiny_model_dir, embeddings, embedding_spec):
     text, heldout = tmp_path / "train.txt", tmp_path / "heldout.txt"
     lines = training_text(lines=700)
     text.write_text("\n".join(lines[:600]))
@@ -71,7 +73,7 @@ def test_nano_distill_qat_writes_the_quantized_student(tmp_path, tiny_model_dir)
     result = CliRunner().invoke(cli, [str(a) for a in (
         "distill", "--teacher", tiny_model_dir, "--student", tiny_model_dir, "--data", text, "--eval-data", heldout, "--steps", 2,
         "--batch-size", 2, "--seq-len", 16, "--top-k", 8, "--eval-batches", 1, "--qat", "int4-b32",
-        "--lr", 1e-3, "--out", run)])
+        "--qat-embeddings", embeddings, "--sparse-target", "rest", "--lr", 1e-3, "--out", run)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     final, _ = load_model_dir(run / "final")
     deployed, _ = load_model_dir(run / "final-int4-b32")
@@ -81,3 +83,4 @@ def test_nano_distill_qat_writes_the_quantized_student(tmp_path, tiny_model_dir)
             expected = quantize_rtn(flat_params(final)[name], value.spec)
             np.testing.assert_array_equal(np.asarray(value.codes), np.asarray(expected.codes))
     assert flat_params(deployed)["layers.0.mlp.up.kernel"].spec == QuantSpec(4, 32, 0)
+    assert flat_params(deployed)["embedder.embedding"].spec == embedding_spec  # the grid the run trained on
