@@ -115,9 +115,11 @@ class _Binder:
         expected = tuple(value.shape[::-1]) if self.transposed(name) else tuple(value.shape)
         if expected != shape:
             raise NanoError(f"export: {name} is {expected} in TFLite's layout, the graph takes {shape}")
-        def as_float(dtype):  # the bytes, made when written
-            array = np.asarray(value, np.float32)
-            return lambda: np.ascontiguousarray((array.T if self.transposed(name) else array).astype(dtype))
+        def as_float(dtype):  # the bytes, made when written: a converted copy is never held while others bind
+            def data():
+                array = np.asarray(value, np.float32)
+                return np.ascontiguousarray((array.T if self.transposed(name) else array).astype(dtype))
+            return data
         if not (self.float16 and uses and weight_slot):
             tensor.buffer = self.buffer(name, math.prod(shape) * 4, as_float(np.float32))
             return
