@@ -189,15 +189,15 @@ def _sparse_kd(student_at_ids, student_lse, teacher: SparseTeacher, *, kind, tem
     student_at_ids [B, T, k]: the student's raw logits at the teacher ids; student_lse [B, T]: logsumexp over the
     whole vocabulary of the student's logits / τ. `rest`: compare k + 1 outcomes instead of renormalising."""
     scaled = student_at_ids.astype(jnp.float32) / temperature
+    student_logprobs = scaled - student_lse[..., None]  # the student's full-vocabulary log-probs at the k ids
+    valid = jnp.isfinite(teacher.logprobs)
     if rest:
-        valid = jnp.isfinite(teacher.logprobs)
         logp = jnp.where(valid, teacher.logprobs.astype(jnp.float32), _NEG)
-        logq = jnp.where(valid, scaled - student_lse[..., None], _NEG)
+        logq = jnp.where(valid, student_logprobs, _NEG)
         return divergence(_with_rest(logp), _with_rest(logq), kind=kind, beta=beta)
     logp = sparse_logprobs(teacher, temperature)
     if kind == "fkl":  # against the student's full-vocabulary distribution
-        return _kl(logp, scaled - student_lse[..., None])
-    valid = jnp.isfinite(teacher.logprobs)
+        return _kl(logp, student_logprobs)
     logq = jax.nn.log_softmax(jnp.where(valid, scaled, _NEG), axis=-1)  # the student restricted to the k ids
     return divergence(logp, logq, kind=kind, beta=beta)
 
