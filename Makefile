@@ -1,4 +1,5 @@
-# nano: `make demo` runs the pipeline on the embedded default; `make test` runs the test suite.
+# nano: `make demo` runs the pipeline on the embedded default; `make test` runs the whole test suite (CI runs it);
+# `make check` runs the quick tests only (< 3 min), `make test-slow` the slow ones.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ DISTILL_DATA = --teacher gemma3-270m --data stdlib --steps $(DISTILL_STEPS) --ba
   --teacher-dtype bfloat16
 DISTILL_RUN = --student nano-micro --eval-every 10 --eval-batches 2 $(foreach f,$(OUTSIDE_TEXT),--eval-text $(f))
 
-.PHONY: install test test-slow demo peer distill quantize export nano-sizes clean
+.PHONY: install test check test-slow demo peer distill quantize export nano-sizes clean
 
 install: $(STAMP)
 
@@ -27,6 +28,9 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q
+
+check: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
@@ -51,7 +55,7 @@ demo: install peer
 	  && mv $(DEMO_DIR)/.t.json $(DEMO_DIR)/teacher-int4.json
 	$(foreach s,student-float32 student-int4,$(BIN)/nano bench $(DEMO_DIR)/$(s).litertlm $(DEMO_BENCH) \
 	  > $(DEMO_DIR)/.s.json && mv $(DEMO_DIR)/.s.json $(DEMO_DIR)/$(s).json &&) true
-	$(BIN)/python -m bench.report $(foreach s,teacher-int4 student-float32 student-int4,$(s)=$(DEMO_DIR)/$(s).json) \
+	$(BIN)/nano report bench $(foreach s,teacher-int4 student-float32 student-int4,$(s)=$(DEMO_DIR)/$(s).json) \
 	  --out $(DEMO_DIR)/report
 	cat $(DEMO_DIR)/report/bench.md
 
@@ -77,14 +81,14 @@ distill: install
 	$(BIN)/nano distill cache-teacher $(DISTILL_DATA) --out $(DISTILL_DIR)/teacher-cache
 	$(BIN)/nano distill $(DISTILL_DATA) $(DISTILL_RUN) --teacher-cache $(DISTILL_DIR)/teacher-cache --out $(DISTILL_DIR)/kd
 	$(BIN)/nano distill $(DISTILL_DATA) $(DISTILL_RUN) --loss ce --out $(DISTILL_DIR)/ce
-	$(BIN)/python -m distill.report $(DISTILL_DIR)/kd $(DISTILL_DIR)/ce --out $(DISTILL_DIR)
+	$(BIN)/nano report distill $(DISTILL_DIR)/kd $(DISTILL_DIR)/ce --out $(DISTILL_DIR)
 
 # The embedded teacher at int4, by each method at blocks 32 and 128, measured against the float model on held-out
 # text; runs/quantize/comparison.{md,png} (~45 min on two cores).
 quantize: install
 	$(foreach r,$(QUANT_RUNS),$(BIN)/nano quantize gemma3-270m --method $(firstword $(subst -b, ,$(r))) \
 	  --block-size $(lastword $(subst -b, ,$(r))) --out $(QUANT_DIR)/$(r) --force &&) true
-	$(BIN)/python -m quantize.compare $(addprefix $(QUANT_DIR)/,$(QUANT_RUNS)) --out $(QUANT_DIR)
+	$(BIN)/nano report quantize $(addprefix $(QUANT_DIR)/,$(QUANT_RUNS)) --out $(QUANT_DIR)
 
 # The embedded teacher as LiteRT-LM bundles: float32, and GPTQ int4-b32 (its own codes), each verified against JAX.
 EXPORT_DIR ?= runs/export

@@ -1,9 +1,9 @@
 """An exported artifact through a LiteRT external delegate given by path (Coral's libedgetpu.so.1, a GPU delegate,
 a vendor's NPU library): the runner `nano bench --delegate PATH` times.
 
-It is export.runtime.LiteRTLM's engine-like prefill and decode on ai-edge-litert's classic Interpreter, the API
+It is export.runtime.TFLiteRunner's engine-like prefill and decode on ai-edge-litert's classic Interpreter, the API
 that loads external delegates. That Interpreter cannot bind one buffer as both input and output, so every call
-copies the KV caches in and out; on the CPU that costs decode speed (LiteRTLM avoids it), which is the price of
+copies the KV caches in and out; on the CPU that costs decode speed (TFLiteRunner avoids it), which is the price of
 reaching a delegate from Python.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from export.graph import DECODE, INPUT_POS, LOGITS, TOKENS
-from export.runtime import LiteRTLM
+from export.runtime import TFLiteRunner
 from nano.errors import NanoError
 
 
@@ -63,7 +63,7 @@ def delegated_nodes(interpreter) -> dict:
     return {"nodes": original, "delegated_nodes": len(taken), "delegate_partitions": len(partitions)}
 
 
-class DelegatedLiteRTLM(LiteRTLM):
+class DelegatedRunner(TFLiteRunner):
     def __init__(self, path: str | Path, *, delegate: str, options: dict[str, str] | None = None,
                  threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter

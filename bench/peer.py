@@ -59,29 +59,27 @@ def time_gguf(path: str, *, threads: int, prefill_tokens: list[int], decode_toke
 
 
 def gguf_perplexity(path: str, text: str, *, threads: int, window: int) -> dict:
-    """Every window (BOS + window - 1 tokens) in one batch with logits at every position, scored as
-    bench.run.artifact_perplexity scores the artifact."""
+    """Each window (BOS + window - 1 tokens) in one batch with logits at every position, scored as
+    bench.run.artifact_perplexity scores the artifact (nano.perplexity.runtime_perplexity)."""
     from llama_cpp import Llama
 
-    from export.verify import token_nll
-    from nano.perplexity import make_windows
+    from nano.perplexity import runtime_perplexity
 
     llm = Llama(model_path=path, n_ctx=window, n_batch=window, n_ubatch=window, n_threads=threads,
                 n_threads_batch=threads, logits_all=True, verbose=False)
-    ids = llm.tokenize(text.encode(), add_bos=False, special=False)
-    tokens, weights = make_windows(ids, window=window, bos_id=llm.token_bos())
-    nll = []
-    for row, scored in zip(tokens, weights):
-        n = int(scored.sum())
+
+    def eval_window(row):
         llm.reset()
         llm._ctx.kv_cache_clear()
-        llm.eval(row[:n + 1].tolist())
-        nll += [token_nll(llm.scores[p], int(row[p + 1])) for p in range(n)]
-    return {"ppl": float(np.exp(np.mean(nll))), "ppl_tokens": len(nll), "ppl_window": window}
+        llm.eval(row.tolist())
+        return (llm.scores[p] for p in range(len(row) - 1))
+
+    ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    return runtime_perplexity(ids, text, eval_window, window=window, bos_id=llm.token_bos())
 
 
 def main() -> None:
-    import resource
+    from nano.files import peak_rss_bytes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("gguf")
@@ -96,7 +94,7 @@ def main() -> None:
     if args.text:
         with open(args.text, encoding="utf-8") as f:
             result.update(gguf_perplexity(args.gguf, f.read(), threads=args.threads, window=args.window))
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["peak_rss_bytes"] = peak_rss_bytes()
     print(json.dumps(result))
 
 

@@ -2,7 +2,7 @@
 charts). `nano bench --report DIR` writes one artifact (and llama.cpp, with --vs-gguf); `make demo` writes the
 teacher, the student in float and the student at int4 together.
 
-    python -m bench.report teacher=runs/demo/teacher.json student=runs/demo/student.json --out runs/demo/report
+    nano report bench teacher=runs/demo/teacher.json student=runs/demo/student.json --out runs/demo/report
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
 import numpy as np
 from matplotlib.figure import Figure
 
-from distill.report import _atomic_write, _save_figure
 from nano.errors import NanoError
+from nano.files import save_figure, write_text
 
 
 def rows(results: dict[str, dict]) -> list[dict]:
@@ -105,7 +104,7 @@ def _plot(table: list[dict], path: Path) -> Path:
     threads = sorted({r["threads"] for r in table if "threads" in r})
     fig.suptitle(f"nano bench, {', '.join(map(str, threads))} threads")
     fig.tight_layout()
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def write_report(results: dict[str, dict], out_dir: str | Path) -> list[Path]:
@@ -114,25 +113,5 @@ def write_report(results: dict[str, dict], out_dir: str | Path) -> list[Path]:
         raise NanoError("no results to report")
     out_dir = Path(out_dir)
     table = rows(results)
-    return [_atomic_write(out_dir / "bench.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2))),
-            _atomic_write(out_dir / "bench.md", lambda tmp: tmp.write_text(_markdown(table))),
-            _plot(table, out_dir / "bench.png")]
-
-
-@click.command()
-@click.argument("results", nargs=-1, required=True)
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Where the report goes.")
-def main(results: tuple[str, ...], out_dir: Path) -> None:
-    """Report NAME=FILE results (each `nano bench --json` output) together in OUT: bench.md, .json, .png."""
-    loaded = {}
-    for item in results:
-        name, sep, file = item.partition("=")
-        if not sep or not Path(file).is_file():
-            raise click.ClickException(f"expected NAME=FILE with an existing `nano bench --json` file, got {item!r}")
-        loaded[name] = json.loads(Path(file).read_text())
-    for path in write_report(loaded, out_dir):
-        click.echo(path)
-
-
-if __name__ == "__main__":
-    main()
+    return [write_text(out_dir / "bench.json", json.dumps(results, indent=2)),
+            write_text(out_dir / "bench.md", _markdown(table)), _plot(table, out_dir / "bench.png")]

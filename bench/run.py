@@ -1,7 +1,7 @@
 """`nano bench` as a library call: speed, memory and (with a text) perplexity of an exported artifact.
 
 Two backends run the same file:
-- `litert`: ai-edge-litert's CompiledModel through export.runtime.LiteRTLM (XNNPACK, the KV cache updated in
+- `litert`: ai-edge-litert's CompiledModel through export.runtime.TFLiteRunner (XNNPACK, the KV cache updated in
   place, prompts split into the file's prefill signatures as the engine splits them);
 - `litert-lm`: the LiteRT-LM engine itself (`litert_lm.Benchmark`, a .litertlm only), what an app runs.
 `--delegate PATH` runs the litert backend through an external delegate (bench.delegate).
@@ -22,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from export.run import peak_rss_bytes
 from export.runtime import quiet_native_stderr
 from nano.errors import NanoError
-from nano.models import DEFAULT_TEACHER, teacher_gguf_path
+from nano.files import peak_rss_bytes
+from nano.resolve import DEFAULT_TEACHER, teacher_gguf_path
 
 BACKENDS = ("litert", "litert-lm")
 PERPLEXITY_WINDOW = 512  # `nano perplexity`'s default, cut to the artifact's context
+QUALITY_KEYS = ("ppl", "ppl_tokens", "ppl_window", "bits_per_byte")  # what a text measures, beside the speeds
 
 
 def _section(path: Path, kind: str) -> bytes:
@@ -61,7 +62,7 @@ def tokenizer_of(path: Path, model: str | None):
 
     if model is not None:
         from nano.checkpoint import TOKENIZER_FILE
-        from nano.models import resolve_model_dir
+        from nano.resolve import resolve_model_dir
 
         return Tokenizer.load(resolve_model_dir(model) / TOKENIZER_FILE)
     if path.suffix == ".litertlm":
@@ -72,26 +73,24 @@ def tokenizer_of(path: Path, model: str | None):
 def open_runner(tflite: Path, *, threads: int, delegate: str | None = None, delegate_options: dict | None = None):
     """The Python runner for a .tflite: on the CPU (XNNPACK, caches in place), or through an external delegate."""
     if delegate is None:
-        from export.runtime import LiteRTLM
+        from export.runtime import TFLiteRunner
 
-        return LiteRTLM(tflite, threads=threads)
-    from bench.delegate import DelegatedLiteRTLM
+        return TFLiteRunner(tflite, threads=threads)
+    from bench.delegate import DelegatedRunner
 
-    return DelegatedLiteRTLM(tflite, delegate=delegate, options=delegate_options, threads=threads)
+    return DelegatedRunner(tflite, delegate=delegate, options=delegate_options, threads=threads)
 
 
 def artifact_perplexity(runner, tokenizer, text: str, *, window: int = PERPLEXITY_WINDOW) -> dict:
-    """The `nano perplexity` protocol through the artifact: every token fed through decode, scored on its logits."""
-    from export.verify import token_nll
-    from nano.perplexity import make_windows
+    """The `nano perplexity` protocol through the artifact: every token fed through decode, scored on its logits
+    (positions restart at 0: each window is a fresh context)."""
+    from nano.perplexity import runtime_perplexity
 
-    window = min(window, runner.max_tokens)
-    tokens, weights = make_windows(tokenizer.encode(text), window=window, bos_id=tokenizer.bos_id,
-                                   pad_id=tokenizer.pad_id)
-    nll = [token_nll(runner.decode(int(row[p]), p), int(row[p + 1]))
-           for row, scored in zip(tokens, weights)
-           for p in range(int(scored.sum()))]  # positions restart at 0: each window is a fresh context
-    return {"ppl": float(np.exp(np.mean(nll))), "ppl_tokens": len(nll), "ppl_window": window}
+    def decode_window(row):
+        return (runner.decode(int(token), p) for p, token in enumerate(row[:-1]))
+
+    return runtime_perplexity(tokenizer.encode(text), text, decode_window, window=min(window, runner.max_tokens),
+                              bos_id=tokenizer.bos_id)
 
 
 def _round_litert(runner, ids: list[int], prefill_tokens, decode_tokens: int) -> dict:
@@ -205,7 +204,7 @@ def bench(artifact: str | Path, *, backend: str = "litert", threads: int | None 
                 progress(f"run {r + 1}/{repeats}: llama.cpp" + (" (and its perplexity)" if r == 0 and text else ""))
                 figures = _round_gguf(Path(vs_gguf), threads, prefill_tokens, decode_tokens,
                                       text=peer_text if r == 0 else None, window=window)
-                peer_quality.update({k: figures.pop(k) for k in ("ppl", "ppl_tokens", "ppl_window") if k in figures})
+                peer_quality.update({k: figures.pop(k) for k in QUALITY_KEYS if k in figures})
                 peer.append(figures)
 
     with tempfile.TemporaryDirectory() as tmp, quiet_native_stderr():

@@ -1,20 +1,11 @@
-"""Distillation data: documents from files, tokenized once with the teacher's tokenizer, packed into fixed-length
-rows with document masking, and served as shuffled global batches by a Grain pipeline whose position is a small
+"""Distillation data: documents (`nano.documents`: files, directories, JSONL, parquet, `stdlib`), tokenized once
+with the student's tokenizer, packed into fixed-length rows with document masking, and served as shuffled global batches by a Grain pipeline whose position is a small
 JSON dict, so a resumed run sees exactly the batches the uninterrupted run would have.
 
     data = make_datasets(["corpus/"], tokenizer, seq_len=512, batch_size=64, seed=0)
     it = data.train_iterator(state=None)   # or the state saved at the last checkpoint
     batch = next(it)                        # dict of numpy arrays, each [batch_size, seq_len]
     state = it.get_state()                  # JSON-serialisable; data.train_iterator(state) continues from here
-
-What counts as a document (a PATH is a file, a directory, or the word "stdlib"):
-  - `.txt`, `.md`, `.py`: the whole file is one document.
-  - `.jsonl`: one document per non-blank line, from its `text` string field.
-  - `.parquet`: one document per non-null value of its `text` column (string or binary).
-  - a directory: every file with one of those suffixes below it, recursively and in sorted order; files and
-    folders whose names start with "." are skipped.
-  - "stdlib": the default corpus of `nano.corpus`, whose own train / held-out split by file is kept.
-Bytes that are not UTF-8 are skipped (not replaced) and counted; empty documents are dropped.
 
 Packing. Each document becomes [BOS] + encode(text) + [EOS]; documents are concatenated into one stream, which is
 cut into rows of seq_len + 1 tokens that overlap by one (row r holds stream[r*S : r*S + S + 1]): inputs =
@@ -30,140 +21,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grain
 import numpy as np
 
-from nano import corpus
+from nano.documents import SUFFIXES, Document, read_documents, split_documents
 from nano.errors import NanoError
 from nano.tokenizer import Tokenizer
 
-STDLIB = "stdlib"
-SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")
-BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "weights")
-
-
-@dataclasses.dataclass(frozen=True)
-class Document:
-    """One document's text. `key` (path relative to what the user named, plus an index) decides the held-out
-    split, so moving the corpus does not change it; `split` is set where the source fixes it ("stdlib")."""
-
-    key: str
-    text: str
-    source: Path
-    split: str | None = None
-
-
-# ---------------------------------------------------------------- reading
-
-
-def decode_utf8(raw: bytes) -> tuple[str, int]:
-    """(text, number of bytes skipped because they are not valid UTF-8)."""
-    try:
-        return raw.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="ignore")
-        return text, len(raw) - len(text.encode("utf-8"))  # valid sequences re-encode to the same bytes
-
-
-def _jsonl_documents(path: Path, key: str) -> tuple[list[Document], int]:
-    docs, skipped = [], 0
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        line, bad = decode_utf8(raw)
-        skipped += bad
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise NanoError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise NanoError(f"{path}:{number}: no 'text' string field")
-        docs.append(Document(f"{key}:{number}", record["text"], path))
-    return docs, skipped
-
-
-def _parquet_documents(path: Path, key: str) -> tuple[list[Document], int]:
-    import pyarrow.parquet as pq  # only parquet corpora need pyarrow
-
-    try:
-        if "text" not in pq.read_schema(path).names:
-            raise NanoError(f"{path}: no 'text' column")
-        values = pq.read_table(path, columns=["text"]).column("text").to_pylist()
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise NanoError(f"{path}: not a readable parquet file ({e})") from None
-    docs, skipped = [], 0
-    for i, value in enumerate(values):
-        if isinstance(value, bytes):
-            value, bad = decode_utf8(value)
-            skipped += bad
-        if value is not None:
-            docs.append(Document(f"{key}:{i}", str(value), path))
-    return docs, skipped
-
-
-def _file_documents(path: Path, key: str) -> tuple[list[Document], int]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _jsonl_documents(path, key)
-    if suffix == ".parquet":
-        return _parquet_documents(path, key)
-    if suffix not in SUFFIXES:
-        raise NanoError(f"{path}: unsupported file type {suffix or '(no suffix)'!r}; use {', '.join(SUFFIXES)}")
-    text, skipped = decode_utf8(path.read_bytes())
-    return [Document(key, text, path)], skipped
-
-
-def _stdlib_documents() -> tuple[list[Document], int]:
-    docs, skipped, root = [], 0, corpus.stdlib_dir()
-    for split in corpus.SPLITS:
-        for path in corpus.corpus_files(split):
-            text, bad = decode_utf8(path.read_bytes())
-            docs.append(Document(f"stdlib/{path.relative_to(root).as_posix()}", text, path, split))
-            skipped += bad
-    return docs, skipped
-
-
-def read_documents(paths: Sequence[str | Path]) -> tuple[list[Document], int]:
-    """Every non-empty document under `paths` (see the module docstring), and the count of skipped bytes."""
-    docs, skipped = [], 0
-    for name in paths:
-        if str(name) == STDLIB:
-            found, bad = _stdlib_documents()
-            docs, skipped = docs + found, skipped + bad
-            continue
-        path = Path(name)
-        if not path.exists():
-            raise NanoError(f"no such file or directory: {name}")
-        if path.is_dir():
-            files = [(p, f"{path.name}/{p.relative_to(path).as_posix()}") for p in sorted(path.rglob("*"))
-                     if p.is_file() and p.suffix.lower() in SUFFIXES
-                     and not any(part.startswith(".") for part in p.relative_to(path).parts)]
-        else:
-            files = [(path, path.name)]
-        for file, key in files:
-            found, bad = _file_documents(file, key)
-            docs.extend(found)
-            skipped += bad
-    return [d for d in docs if d.text], skipped
-
-
-def split_documents(docs: list[Document], heldout_fraction: float) -> tuple[list[Document], list[Document]]:
-    """(train, heldout): by the document's own split where it has one, else by a stable hash of its key."""
-    def heldout(doc: Document) -> bool:
-        if doc.split is not None:
-            return doc.split == "heldout"
-        bucket = int.from_bytes(hashlib.sha256(doc.key.encode()).digest()[:8], "big") / 2**64
-        return bucket < heldout_fraction
-
-    flags = [heldout(d) for d in docs]
-    return [d for d, h in zip(docs, flags) if not h], [d for d, h in zip(docs, flags) if h]
-
-
-# ---------------------------------------------------------------- packing
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,5 +69,5 @@ def _from_teacher_layers(config, teacher_config, teacher, keep):
 
 
 def params_state(config: ModelConfig, params: dict[str, np.ndarray]) -> nnx.State:
-    """The nnx.State of Params for distill.train.init_state's `params` argument."""
+    """The nnx.State of Params for distill.step.init_state's `params` argument."""
     return nnx.state(model_from_flat(config, params, source="the student's initial parameters"), nnx.Param)

@@ -81,8 +81,8 @@ def sharded_bytes(config: ModelConfig, sizes: dict[str, int], itemsize: int) -> 
 
 
 def _batch(batch: int, seq: int, k: int) -> dict:
-    """A train step's batch, shapes only: the data's arrays (distill.data.BATCH_KEYS) and the sparse teacher's."""
-    from distill.data import BATCH_KEYS
+    """A train step's batch, shapes only: the data's arrays (nano.evaluate.BATCH_KEYS) and the sparse teacher's."""
+    from nano.evaluate import BATCH_KEYS
 
     shape = (batch, seq)
     data = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "weights" else jnp.int32) for key in BATCH_KEYS}
@@ -186,7 +186,7 @@ def measure(student: ModelConfig, teacher: ModelConfig | None, settings: PlanSet
 
     from distill.sharding import batch_sharding, make_mesh, model_shardings, replicated
     from distill.teacher import OnlineTeacher, make_loss
-    from distill.train import (OptimConfig, abstract_state, make_optimizer, make_train_step, model_graphdef,
+    from distill.step import (OptimConfig, abstract_state, make_optimizer, make_train_step, model_graphdef,
                                state_shardings)
     from nano.model import abstract_model
 

@@ -3,7 +3,7 @@
     plot_run(run_dir)                     -> run_dir/loss_curve.png
     compare_runs({"ce": dir_a, "fkl": dir_b}, out_dir)
         -> out_dir/comparison.json, comparison.md, comparison.png; returns the comparison dict
-    python -m distill.report RUN_A RUN_B --out DIR
+    nano report distill RUN_A RUN_B --out DIR
 
 A run directory holds `metrics.jsonl` (one line per optimizer step), `eval.jsonl` (one line per evaluation:
 {"step", **Evaluator result}, optionally "tokens_seen") and, once finished, `report.json` (final_eval, tokens_seen,
@@ -15,18 +15,14 @@ temporary name and renamed, so a reader never sees half a PNG or JSON.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import click
 import numpy as np
 from matplotlib.figure import Figure
 
+from distill.settings import EVAL_FILE, METRICS_FILE, REPORT_FILE
 from nano.errors import NanoError
-
-METRICS_FILE = "metrics.jsonl"
-EVAL_FILE = "eval.jsonl"
-REPORT_FILE = "report.json"
+from nano.files import save_figure, write_text
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -87,23 +83,6 @@ def _eval_points(run_dir: Path, metrics: list[dict] | None) -> tuple[list[float]
     return steps, seen, ppl
 
 
-def _atomic_write(path: Path, write) -> Path:
-    """Run write(temp_path), then rename onto `path` (same directory, so the rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _save_figure(fig: Figure, path: Path) -> Path:
-    # The object API (no pyplot) renders with Agg and leaves no global figure state: safe headless and in threads.
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-
-
 def plot_run(run_dir: str | Path) -> Path:
     """run_dir/loss_curve.png: loss, CE and KD against step; held-out perplexity (log scale) below."""
     run_dir = Path(run_dir)
@@ -129,7 +108,7 @@ def plot_run(run_dir: str | Path) -> Path:
     bottom.set_xlabel(f"step ({int(seen[-1]):,} tokens seen by step {int(steps[-1])})")
     bottom.grid(alpha=0.3, which="both")
     fig.suptitle(run_dir.resolve().name)
-    return _save_figure(fig, run_dir / "loss_curve.png")
+    return save_figure(fig, run_dir / "loss_curve.png")
 
 
 def _report(run_dir: Path) -> dict:
@@ -184,8 +163,8 @@ def compare_runs(runs: dict[str, str | Path], out_dir: str | Path) -> dict:
             summary.append(f"KD vs CE: held-out perplexity {_percent(row['heldout_ppl_change_vs_ce'])} {at} "
                            f"— {name} ({row['loss_kind']}) vs {ce_run} (ce)")
     comparison = {"runs": rows, "ce_run": ce_run, "summary": summary}
-    _atomic_write(out_dir / "comparison.json", lambda tmp: tmp.write_text(json.dumps(comparison, indent=2) + "\n"))
-    _atomic_write(out_dir / "comparison.md", lambda tmp: tmp.write_text(_markdown(rows, summary)))
+    write_text(out_dir / "comparison.json", json.dumps(comparison, indent=2) + "\n")
+    write_text(out_dir / "comparison.md", _markdown(rows, summary))
     _plot_comparison(runs, out_dir / "comparison.png")
     return comparison
 
@@ -221,25 +200,4 @@ def _plot_comparison(runs: dict[str, str | Path], path: Path) -> Path:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     ax.set_title("held-out perplexity")
-    return _save_figure(fig, path)
-
-
-@click.command()
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Where the comparison goes.")
-def main(run_dirs: tuple[Path, ...], out_dir: Path) -> None:
-    """Plot each RUN_DIR's loss curve and compare the runs (named by directory) in OUT."""
-    try:
-        names = [d.resolve().name for d in run_dirs]
-        if len(set(names)) != len(names):
-            raise NanoError(f"run directories must have distinct names, got {', '.join(names)}")
-        for run_dir in run_dirs:
-            click.echo(f"wrote {plot_run(run_dir)}")
-        compare_runs(dict(zip(names, run_dirs)), out_dir)
-    except NanoError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo((out_dir / "comparison.md").read_text(), nl=False)
-
-
-if __name__ == "__main__":
-    main()
+    return save_figure(fig, path)

@@ -8,11 +8,16 @@ import dataclasses
 import json
 
 from nano.errors import NanoError
-from quantize.settings import EMBEDDINGS
+from nano.quant_scheme import EMBEDDINGS, QuantScheme
 
 LOSS_KINDS = ("fkl", "rkl", "jsd", "ce")  # also distill.losses.KINDS
 REMAT = ("none", "dots", "block")  # nano.model.REMAT_POLICIES
 SPARSE_TARGETS = ("renormalise", "rest")
+SAMPLE_MODES = ("sample", "top")
+DTYPES = ("float32", "bfloat16")
+
+# A run directory's files (distill.run writes them, distill.report reads them).
+RUN_FILE, METRICS_FILE, EVAL_FILE, REPORT_FILE, FINAL_DIR = "run.json", "metrics.jsonl", "eval.jsonl", "report.json", "final"
 
 
 def parse_layers(text: str) -> list[int]:
@@ -28,21 +33,22 @@ def parse_layers(text: str) -> list[int]:
 
 
 
-def qat_block_size(scheme: str) -> int:
-    """'int4-b32' → 32, 'int4-channel' → 0 (per channel): the schemes `nano quantize` writes."""
-    kind, _, block = scheme.partition("-")
-    if kind == "int4" and block == "channel":
-        return 0
-    if kind == "int4" and block.startswith("b") and block[1:].isdigit() and int(block[1:]) % 2 == 0:
-        return int(block[1:])
-    raise NanoError(f"--qat takes a scheme like int4-b32, int4-b128 or int4-channel, got {scheme!r}")
+def qat_scheme(name: str) -> QuantScheme:
+    """The int4 scheme --qat trains for ('int4-b32', 'int4-channel'): the schemes `nano quantize` writes."""
+    try:
+        scheme = QuantScheme.parse(name)
+    except NanoError:
+        scheme = None
+    if scheme is None or scheme.bits != 4:
+        raise NanoError(f"--qat takes a scheme like int4-b32, int4-b128 or int4-channel, got {name!r}")
+    return scheme
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillSettings:
     teacher: str = "gemma3-270m"
     student: str = "nano-micro"
-    data: tuple[str, ...] = ("stdlib",)  # distill.data.STDLIB: the default corpus
+    data: tuple[str, ...] = ("stdlib",)  # nano.documents.STDLIB: the default corpus
     eval_data: tuple[str, ...] = ()  # held-out documents; default: a split of --data
     eval_text: tuple[str, ...] = ()  # texts outside the corpus: perplexity in the report
     loss: str = "fkl"
@@ -87,15 +93,15 @@ class DistillSettings:
         if min(self.steps, self.batch_size, self.seq_len, self.grad_accum, self.top_k, self.checkpoint_every) < 1:
             raise NanoError("--steps, --batch-size, --seq-len, --grad-accum, --top-k and --checkpoint-every must be "
                             "positive")
-        if self.sample_mode not in ("sample", "top"):
-            raise NanoError(f"--sample-mode must be 'sample' or 'top', got {self.sample_mode!r}")
+        if self.sample_mode not in SAMPLE_MODES:
+            raise NanoError(f"--sample-mode must be one of {', '.join(SAMPLE_MODES)}, got {self.sample_mode!r}")
         if self.sparse_target not in SPARSE_TARGETS:
             raise NanoError(f"--sparse-target must be one of {', '.join(SPARSE_TARGETS)}, got {self.sparse_target!r}")
         if self.sparse_target == "rest" and self.temperature != 1.0:
             raise NanoError("--sparse-target rest compares full-vocabulary probabilities, which the teacher gives at "
                             f"--temperature 1 only (got {self.temperature})")
         if self.qat is not None:
-            qat_block_size(self.qat)
+            qat_scheme(self.qat)
         if self.qat_embeddings not in EMBEDDINGS:
             raise NanoError(f"--qat-embeddings must be one of {', '.join(EMBEDDINGS)}, got {self.qat_embeddings!r}")
         if self.qat is None and self.qat_embeddings != "int8":
@@ -103,7 +109,7 @@ class DistillSettings:
         if self.remat not in REMAT:
             raise NanoError(f"--remat must be one of {', '.join(REMAT)}, got {self.remat!r}")
         for dtype in (self.compute_dtype, self.teacher_dtype):
-            if dtype not in ("float32", "bfloat16"):
+            if dtype not in DTYPES:
                 raise NanoError(f"dtypes are float32 or bfloat16, got {dtype!r}")
 
     def to_json(self) -> str:

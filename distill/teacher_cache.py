@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 import zipfile
 from pathlib import Path
@@ -28,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from distill.loop import next_step_batch  # the loop's own stacking, so the cache's step n is the loop's step n
-from nano.checkpoint import directory_bytes
 from nano.errors import NanoError
+from nano.files import atomic_write, directory_bytes
 from nano.ui import progress_bar
 
 FORMAT = 1
@@ -62,20 +61,6 @@ def _describe(steps: list[int]) -> str:
     if steps == list(range(steps[0], steps[-1] + 1)):
         return f"steps {steps[0]}..{steps[-1]}"
     return f"{len(steps)} steps between {steps[0]} and {steps[-1]} (with gaps)"
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_manifest(cache_dir: Path) -> dict | None:
@@ -138,16 +123,21 @@ def cache_teacher(out_dir: str | Path, datasets, teacher, *, steps: int, grad_ac
                 raise NanoError(f"teacher returned shapes {ids.shape} / {logprobs.shape} at step {step}, expected "
                                 f"{(*batch['tokens'].shape, manifest['k'])}; check the teacher's k")
             if old is None:  # the manifest precedes the first shard, so shards never exist without one
-                _write_atomic(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+                atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)), durable=True)
                 old = manifest
             arrays = {"tokens": np.asarray(batch["tokens"], np.int32), "teacher_ids": ids,
                       "teacher_logprobs": logprobs}
-            _write_atomic(shard_path(out, step), lambda f: np.savez(f, **arrays))  # uncompressed: fast to read
+            atomic_write(shard_path(out, step), lambda tmp: _save_npz(tmp, arrays), durable=True)
             rate = tokens_per_step / (time.perf_counter() - t0)
             progress.update(task, advance=1, speed=f"{rate:,.0f} tok/s")
     total = len(held_steps(out))
     return CacheInfo(out, total, len(todo), total * tokens_per_step, directory_bytes(out),
                      time.perf_counter() - start)
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as f:  # a file object: given a name without .npz, numpy would append it
+        np.savez(f, **arrays)  # uncompressed: fast to read
 
 
 class CachedTeacher:

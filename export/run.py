@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import resource
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from export.settings import ExportSettings, quant_bits
+from export.settings import ExportSettings, integer_scheme
 from nano.errors import NanoError
+from nano.files import peak_rss_bytes, scratch_directory
 from nano.ui import status
 
 TOOLS = ("nano-distill", "jax", "flax", "litert-converter", "ai-edge-litert", "litert-lm-builder")
@@ -29,10 +27,6 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return out
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class _Phases(dict):
@@ -51,14 +45,14 @@ def _describe(model_ref: str, settings: ExportSettings):
     """(config, tokenizer or None, quant.json or None), without loading any weights."""
     from nano.checkpoint import TOKENIZER_FILE, load_config, load_quant_info
     from nano.config import GEMMA3_270M
-    from nano.models import resolve_config, resolve_model_dir
+    from nano.resolve import resolve_config, resolve_model_dir
     from nano.tokenizer import Tokenizer
 
     if settings.random_init:
         config = resolve_config(model_ref)
         tokenizer = None
         if config.vocab_size == GEMMA3_270M.vocab_size:  # the presets that share the teacher's vocabulary
-            from nano.models import embedded_teacher_dir
+            from nano.resolve import embedded_teacher_dir
 
             tokenizer = Tokenizer.load(embedded_teacher_dir() / TOKENIZER_FILE)
         return config, tokenizer, None
@@ -75,7 +69,7 @@ def _artifact_params(model_ref: str, settings: ExportSettings, config, scheme: s
 
     from nano.checkpoint import flat_params
     from nano.model import init_param_parts
-    from nano.models import load_model
+    from nano.resolve import load_model
     from nano.quant import QuantizedWeight, quantize_rtn
 
     specs = {} if quant_info is not None else _rtn_specs(config, scheme, settings.embeddings)
@@ -87,7 +81,7 @@ def _artifact_params(model_ref: str, settings: ExportSettings, config, scheme: s
             value = part.pop(name)
             if name in specs:
                 value = rtn(value, specs[name])
-            elif isinstance(value, QuantizedWeight) and quant_bits(scheme) is None:
+            elif isinstance(value, QuantizedWeight) and integer_scheme(scheme) is None:
                 value = value.dequantize()  # a quantized model exported as float32
             params[name] = value
     return params
@@ -96,16 +90,12 @@ def _artifact_params(model_ref: str, settings: ExportSettings, config, scheme: s
 def _rtn_specs(config, scheme: str, embeddings: str | None) -> dict:
     """The QuantSpec of each weight a float model rounds to nearest for `scheme` (none for float schemes)."""
     from nano.checkpoint import param_shapes
-    from nano.quant import CHANNEL, QuantSpec, tensor_specs
 
-    bits = quant_bits(scheme)
-    if bits is None:
+    integer = integer_scheme(scheme)
+    if integer is None:
         return {}
     shapes = param_shapes(config)
-    embeddings = embeddings or ("int8" if bits[0] == 8 else "int4")
-    specs = tensor_specs(shapes, block_size=bits[1] or 32, embeddings=embeddings)  # an int4 table: blocks of 32
-    if bits[0] == 8:
-        specs.update({n: QuantSpec(8, CHANNEL, 0) for n in shapes if n.endswith(".kernel")})
+    specs = integer.tensor_specs(shapes, embeddings=embeddings or ("int8" if integer.bits == 8 else "int4"))
     for name, spec in specs.items():
         try:
             spec.block(shapes[name])
@@ -153,10 +143,7 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
     from export import bundle
     from export.convert import convert
     from export.graph import DECODE, export_signature, prefill_name, transposed
-    from export.runtime import LiteRTLM, quiet_native_stderr
-    from export.verify import failure_line, verification_window, verify
     from export.weights import bind
-    from nano.checkpoint import model_from_flat
     from nano.model import abstract_model
     from nano.quant import QuantizedWeight
 
@@ -186,9 +173,7 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
         for n in [*lengths, 1]:
             yield export_signature(model, n, settings.max_tokens)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with scratch_directory(out) as tmp:
         graph = tmp / "graph.tflite"
         with phase("convert", f"converting {len(lengths) + 1} signatures ({', '.join(map(prefill_name, lengths))}, {DECODE})"):
             convert(lowered_signatures(), graph)
@@ -198,19 +183,10 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
             read_back_count = _check_read_back(tflite, integer) if integer else 0
         graph.unlink()
         convert_seconds = time.perf_counter() - start
-
         verification = None
         if settings.verify:
-            window, text = verification_window(tokenizer, min(settings.verify_tokens, settings.max_tokens),
-                                               config.vocab_size)
-            with phase("verify", f"verifying against JAX on {text}"), quiet_native_stderr():
-                # The JAX reference runs the very parameters written (integer codes included), not a copy.
-                verification = verify(lambda: LiteRTLM(tflite, threads=settings.threads),
-                                      lambda: model_from_flat(config, params), window, exact=scheme == "float32")
-                verification["text"] = text
-            if not verification["ok"]:
-                raise NanoError(failure_line(verification))
-
+            with phase("verify", "verifying against JAX"):
+                verification = _verify(tflite, config, params, tokenizer, settings, exact=scheme == "float32")
         final = tflite
         if out.suffix == ".litertlm":
             final = tmp / "model.litertlm"
@@ -218,13 +194,28 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
                 bundle.build(tflite, final, tokenizer=tokenizer, config=config, max_tokens=settings.max_tokens,
                              provenance=_provenance(model_ref, config, scheme, quant_info, settings))
         final.replace(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"out": str(out), "model": str(model_ref), "quant": scheme, "bytes": out.stat().st_size,
             "params": config.param_count, "signatures": [*map(prefill_name, lengths), DECODE],
             "max_tokens": settings.max_tokens, "int_weights": len(integer), "int_weights_read_back": read_back_count,
             "convert_seconds": round(convert_seconds, 1), "seconds": round(time.perf_counter() - start, 1),
             "peak_rss_bytes": peak_rss_bytes(), "phases": phase, "verification": verification}
+
+
+def _verify(tflite: Path, config, params: dict, tokenizer, settings: ExportSettings, *, exact: bool) -> dict:
+    """The artifact against the JAX model on held-out text; NanoError (nothing is written) when they differ."""
+    from export.runtime import TFLiteRunner, quiet_native_stderr
+    from export.verify import failure_line, verification_window, verify
+    from nano.checkpoint import model_from_flat
+
+    window, text = verification_window(tokenizer, min(settings.verify_tokens, settings.max_tokens), config.vocab_size)
+    with quiet_native_stderr():
+        # The JAX reference runs the very parameters written (integer codes included), not a copy.
+        verification = verify(lambda: TFLiteRunner(tflite, threads=settings.threads),
+                              lambda: model_from_flat(config, params), window, exact=exact)
+    verification["text"] = text
+    if not verification["ok"]:
+        raise NanoError(failure_line(verification))
+    return verification
 
 
 def _provenance(model_ref, config, scheme, quant_info, settings) -> dict:

@@ -44,7 +44,7 @@ def quiet_native_teardown() -> None:
     atexit.register(silence)
 
 
-class LiteRTLM:
+class TFLiteRunner:
     def __init__(self, path: str | Path, *, threads: int | None = None):
         from ai_edge_litert.compiled_model import CompiledModel
         from ai_edge_litert.hardware_accelerator import HardwareAccelerator

@@ -6,11 +6,12 @@ import dataclasses
 from pathlib import Path
 
 from nano.errors import NanoError
+from nano.quant_scheme import EMBEDDINGS, QuantScheme
 
-QUANTS = ("float32", "fp16", "int8", "int4-b32", "int4-b128")
+FLOAT_FORMATS = ("float32", "fp16")
+QUANTS = (*FLOAT_FORMATS, "int8", "int4-b32", "int4-b128")
 DEFAULT_MAX_TOKENS = 4096
 SUFFIXES = (".litertlm", ".tflite")
-EMBEDDINGS = ("int8", "int4", "float")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,8 @@ class ExportSettings:
             raise NanoError(f"--quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
         if self.embeddings is not None and self.embeddings not in EMBEDDINGS:
             raise NanoError(f"--embeddings must be one of {', '.join(EMBEDDINGS)}, got {self.embeddings!r}")
+        if self.verify_tokens < 2:
+            raise NanoError(f"verification needs at least 2 tokens, got {self.verify_tokens}")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise NanoError(f"--max-tokens must be at least 2, got {self.max_tokens}")
         if max_seq_len is not None and self.max_tokens is not None and self.max_tokens > max_seq_len:
@@ -48,8 +51,6 @@ class ExportSettings:
     def for_model(self, max_seq_len: int) -> "ExportSettings":
         """With the context resolved: --max-tokens, or 4096 capped at the model's own context."""
         return dataclasses.replace(self, max_tokens=self.max_tokens or min(DEFAULT_MAX_TOKENS, max_seq_len))
-        if self.verify_tokens < 2:
-            raise NanoError(f"verification needs at least 2 tokens, got {self.verify_tokens}")
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
@@ -60,10 +61,6 @@ def parse_lengths(text: str) -> tuple[int, ...]:
     return lengths
 
 
-def quant_bits(quant: str) -> tuple[int, int] | None:
-    """(bits, block size) of an integer scheme ('int4-b32' → (4, 32), 'int8' → (8, 0)); None for float ones."""
-    if quant == "int8":
-        return 8, 0
-    if quant.startswith("int4-b"):
-        return 4, int(quant[len("int4-b"):])
-    return None
+def integer_scheme(quant: str) -> QuantScheme | None:
+    """The integer scheme named by --quant ('int4-b32', 'int8'), or None for a float format (float32, fp16)."""
+    return None if quant in FLOAT_FORMATS else QuantScheme.parse(quant)

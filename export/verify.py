@@ -27,16 +27,12 @@ def verification_window(tokenizer, length: int, vocab_size: int) -> tuple[np.nda
     return np.array([tokenizer.bos_id, *ids], np.int32), f"{length} held-out tokens"
 
 
-def token_nll(logits: np.ndarray, target: int) -> float:
-    """-log p(target) under one vocabulary-sized row of logits, in float64."""
-    row = logits.astype(np.float64)
-    top = row.max()
-    return float(top + np.log(np.exp(row - top).sum()) - row[target])
-
-
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """token_nll per row, one row at a time (a vocabulary-sized row is 2 MB in float64; all of them, 1 GB)."""
-    return np.array([token_nll(row, target) for row, target in zip(logits, targets)])
+    """nano.scoring.nll per decoded position, a row at a time (all rows of a 262,144-way vocabulary at once would
+    be gigabytes)."""
+    from nano.scoring import nll
+
+    return np.array([float(nll(row, target)) for row, target in zip(logits, targets)])
 
 
 def _head(model, hidden, rows: int = 32768) -> np.ndarray:
@@ -55,7 +51,7 @@ def _head(model, hidden, rows: int = 32768) -> np.ndarray:
 
 
 def verify(open_runner, build_model, window: np.ndarray, *, exact: bool) -> dict:
-    """Compare the artifact (`open_runner()` → export.runtime.LiteRTLM) with the JAX model (`build_model()`) on
+    """Compare the artifact (`open_runner()` → export.runtime.TFLiteRunner) with the JAX model (`build_model()`) on
     `window`; the result carries `ok`. One after the other, so the two never hold their weights at once."""
     import jax.numpy as jnp
 

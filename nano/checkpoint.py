@@ -9,9 +9,6 @@ failed or killed write never leaves a half-written model under the final name.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -22,6 +19,7 @@ from flax import nnx
 
 from nano.config import ModelConfig
 from nano.errors import NanoError
+from nano.files import atomic_directory
 from nano.model import Decoder, abstract_model
 from nano.quant import QuantizedWeight
 from nano.quant_io import CODES, QUANT_FILE, SCALES, from_stored, quant_json, read_quant_json, to_stored
@@ -83,11 +81,6 @@ def model_from_flat(config: ModelConfig, params: dict[str, np.ndarray], *, dtype
     return model
 
 
-def directory_bytes(path: str | Path) -> int:
-    """Bytes of every file under `path` (a model directory, a cache): what it takes on disk."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def is_model_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
@@ -100,16 +93,10 @@ def save_model_dir(config: ModelConfig, params: dict[str, np.ndarray], tokenizer
                    overwrite: bool = False, extra: dict[str, str] | None = None, quant_info: dict | None = None) -> Path:
     """Write a model directory atomically. `extra` maps file names to text written beside config.json; a model
     with quantized weights also gets quant.json, holding `quant_info` (method, settings, report)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise NanoError(f"{out} already exists (pass --force to replace it)")
     if tokenizer.vocab_size != config.vocab_size:
         raise NanoError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model {config.vocab_size}")
     check_params(config, params)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model directory is an ordinary one
-    try:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
         tokenizer.save(tmp / TOKENIZER_FILE)
         for name, text in (extra or {}).items():
@@ -119,23 +106,7 @@ def save_model_dir(config: ModelConfig, params: dict[str, np.ndarray], tokenizer
             (tmp / QUANT_FILE).write_text(quant_json(config, tensors, quant_info))
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save((tmp / PARAMS_DIR).absolute(), stored)  # Orbax refuses relative paths
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return Path(out)
 
 
 def load_config(path: str | Path) -> ModelConfig:

@@ -22,6 +22,9 @@ class ModelConfig:
 
     Layer `i` is global (full attention, `rope_base_global`) when `(i + 1) % global_every == 0`, otherwise local
     (sliding window of `sliding_window` tokens, `rope_base_local`). `sliding_window=None` makes every layer global.
+    `layer_kinds` lists each layer's kind explicitly instead, for patterns `global_every` cannot express (a
+    depth-pruned student keeps each kept layer's kind); a list equal to the pattern is stored as None, so the same
+    architecture has one config and one hash however it was written.
     """
 
     vocab_size: int
@@ -41,6 +44,7 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     max_seq_len: int = 32_768
     architecture: str = "gemma3"
+    layer_kinds: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_dim",
@@ -59,13 +63,25 @@ class ModelConfig:
             raise ValueError(f"final_logit_softcap must be positive or None, got {self.final_logit_softcap}")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        if self.layer_kinds is not None:
+            kinds = tuple(self.layer_kinds)
+            if len(kinds) != self.num_layers or not set(kinds) <= {LOCAL, GLOBAL}:
+                raise ValueError(f"layer_kinds must list {self.num_layers} entries, each {LOCAL!r} or {GLOBAL!r}, "
+                                 f"got {list(kinds)}")
+            if self.sliding_window is None and LOCAL in kinds:
+                raise ValueError("local layers need a sliding_window")
+            object.__setattr__(self, "layer_kinds", None if kinds == self._pattern() else kinds)
 
     # Derived values.
-    @property
-    def layer_types(self) -> tuple[str, ...]:
+    def _pattern(self) -> tuple[str, ...]:
         if self.sliding_window is None:
             return (GLOBAL,) * self.num_layers
         return tuple(GLOBAL if (i + 1) % self.global_every == 0 else LOCAL for i in range(self.num_layers))
+
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        """Each layer's kind, LOCAL or GLOBAL."""
+        return self.layer_kinds or self._pattern()
 
     @property
     def queries_per_kv_head(self) -> int:
@@ -93,7 +109,12 @@ class ModelConfig:
 
     # Serialisation.
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.layer_kinds is None:  # configs written before the field existed keep their hash
+            del data["layer_kinds"]
+        else:
+            data["layer_kinds"] = list(self.layer_kinds)
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -111,6 +132,8 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise NanoError(f"config.json has unknown fields {unknown}")
+        if isinstance(data.get("layer_kinds"), list):
+            data = {**data, "layer_kinds": tuple(data["layer_kinds"])}
         try:
             return cls(**data)
         except (TypeError, ValueError) as e:

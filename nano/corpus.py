@@ -46,3 +46,12 @@ def corpus_text(split: str, *, max_chars: int | None = None) -> str:
             break
     text = "\n\n".join(parts)
     return text if max_chars is None else text[:max_chars]
+
+
+def text_or_split(path: str | None, split: str, *, max_chars: int) -> tuple[str, str]:
+    """(text, where it came from): the file at `path`, or the default corpus's `split` cut to `max_chars`."""
+    from nano.files import read_text
+
+    if path is None:
+        return corpus_text(split, max_chars=max_chars), f"stdlib {split} split ({max_chars:,} characters)"
+    return read_text(path), str(path)

@@ -13,68 +13,14 @@ The scheme is the one LiteRT's kernels consume, so the export carries codes and 
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SUPPORTED_BITS = (4, 8)
-CHANNEL = 0  # block_size 0: one scale per output channel
+from nano.quant_scheme import QuantSpec
+
 _MIN_SCALE, _MAX_SCALE = 2.0 ** -14, 2.0 ** 15  # float16's normal range: a stored scale is exact there
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantSpec:
-    """How one tensor is quantized: `bits`, `block_size` (CHANNEL = per channel) along contraction `axis`."""
-
-    bits: int
-    block_size: int
-    axis: int
-
-    def __post_init__(self):
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
-        if self.block_size < 0 or (self.block_size and self.block_size % 2):
-            raise ValueError(f"block_size must be 0 (per channel) or a positive even number, got {self.block_size}")
-
-    def block(self, shape: tuple[int, ...]) -> int:
-        """The block length for a tensor of `shape` (the whole axis when per channel)."""
-        dim = shape[self.axis]
-        size = self.block_size or dim
-        if dim % size:
-            raise ValueError(f"block size {size} does not divide axis {self.axis} of shape {tuple(shape)}")
-        return size
-
-    @property
-    def blockwise(self) -> bool:
-        return self.block_size != CHANNEL
-
-    @property
-    def code_range(self) -> tuple[int, int]:
-        return (-8, 7) if self.bits == 4 else (-127, 127)
-
-    @property
-    def bound(self) -> float:
-        """|w| / scale at the block maximum: int4 uses the half step above 7 as well (the -8 code pays for it)."""
-        return 7.5 if self.bits == 4 else 127.0
-
-    @property
-    def scale_dtype(self):
-        return np.float16 if self.blockwise else np.float32
-
-    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(d // self.block(shape) if i == self.axis else d for i, d in enumerate(shape))
-
-    def stored_bits(self, shape: tuple[int, ...]) -> int:
-        """Bits on disk for a tensor of `shape`: its codes plus its scales."""
-        scales = math.prod(self.scale_shape(shape)) * np.dtype(self.scale_dtype).itemsize * 8
-        return math.prod(shape) * self.bits + scales
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @flax.struct.dataclass
@@ -171,11 +117,6 @@ def unpack_int4(packed: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(codes, -1, axis)
 
 
-def tensor_specs(names, *, block_size: int, embeddings: str = "int8") -> dict[str, QuantSpec]:
-    """The scheme for a decoder's parameters: every projection kernel [in, out] int4 in blocks along `in`; the tied
-    embedding [vocab, d_model] int8 per row, int4 in blocks along d_model, or float; norms stay float."""
-    specs = {name: QuantSpec(4, block_size, 0) for name in names if name.endswith(".kernel")}
-    if embeddings != "float":
-        spec = QuantSpec(8, CHANNEL, 1) if embeddings == "int8" else QuantSpec(4, block_size, 1)
-        specs.update({name: spec for name in names if name.endswith("embedder.embedding")})
-    return specs
+def quantize_params(params: dict, specs: dict[str, QuantSpec]) -> dict:
+    """Flat parameters with those named in `specs` rounded to nearest (the rest as they are)."""
+    return {name: quantize_rtn(value, specs[name]) if name in specs else value for name, value in params.items()}

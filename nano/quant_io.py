@@ -15,7 +15,8 @@ import numpy as np
 
 from nano.config import ModelConfig
 from nano.errors import NanoError
-from nano.quant import QuantizedWeight, QuantSpec, pack_int4, unpack_int4
+from nano.quant_scheme import QuantSpec
+from nano.quant import QuantizedWeight, pack_int4, unpack_int4
 
 QUANT_FILE = "quant.json"
 FORMAT, VERSION = "nano-quant", 1

@@ -94,3 +94,35 @@ class Generator:
 def _bucket(length: int, multiple: int = 256) -> int:
     """Round the cache length up so nearby requests share one compiled decode step."""
     return -(-length // multiple) * multiple
+
+
+class TextStream:
+    """Generated ids → text as it becomes printable. A byte-fallback piece can be part of a UTF-8 character, so the
+    ids so far are decoded whole each time and text is released only when it does not end in a half character
+    (U+FFFD); `flush()` releases the rest at the end.
+
+        stream = TextStream(tokenizer)
+        for token in generator.stream(...):
+            print(stream.push(token), end="")
+        print(stream.flush())
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def push(self, token: int) -> str:
+        """The new printable text after `token` ('' while a character is incomplete)."""
+        self.ids.append(int(token))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.shown = text[len(self.shown):], text
+        return new
+
+    def flush(self) -> str:
+        """Whatever is left, incomplete characters included."""
+        text = self.tokenizer.decode(self.ids)
+        new, self.shown = text[len(self.shown):], text
+        return new

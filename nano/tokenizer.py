@@ -1,10 +1,12 @@
 """The SentencePiece tokenizer: loaded from `tokenizer.model`, or rebuilt from a GGUF file's metadata.
 
-A student's vocabulary is always its teacher's, so every model directory carries the same `tokenizer.model`.
+A student's vocabulary is its teacher's or a subset of it (`nano prune --vocab-size`), never another tokenizer:
+`ids_in` maps a student's ids onto its teacher's.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,32 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
+
+    def ids_in(self, teacher: "Tokenizer") -> np.ndarray:
+        """[vocab] int32: each of this tokenizer's ids as an id of `teacher`'s vocabulary, which must hold every one
+        of its pieces (a student's vocabulary is its teacher's or a subset of it, never another tokenizer)."""
+        if self.proto == teacher.proto:
+            return np.arange(self.vocab_size, dtype=np.int32)
+        ids = np.array([teacher.sp.piece_to_id(self.sp.id_to_piece(i)) for i in range(self.vocab_size)], np.int32)
+        unknown = np.flatnonzero((ids == teacher.sp.unk_id()) & (np.arange(self.vocab_size) != self.sp.unk_id()))
+        if unknown.size:
+            raise NanoError(f"the student's vocabulary is not a subset of the teacher's: {unknown.size} of its pieces "
+                            f"(e.g. {self.sp.id_to_piece(int(unknown[0]))!r}) are not the teacher's")
+        return ids
+
+    @functools.cached_property
+    def token_bytes(self) -> np.ndarray:
+        """[vocab] int32: the UTF-8 bytes each id stands for inside a text ('▁' is a space, a byte piece is one byte,
+        control pieces none), so a text's byte length is the sum over its ids: what bits per byte divide by."""
+        proto = sp_pb2.ModelProto()
+        proto.ParseFromString(self.proto)
+        out = np.zeros(len(proto.pieces), np.int32)
+        for i, piece in enumerate(proto.pieces):
+            if piece.type == sp_pb2.ModelProto.SentencePiece.BYTE:
+                out[i] = 1
+            elif piece.type in (sp_pb2.ModelProto.SentencePiece.NORMAL, sp_pb2.ModelProto.SentencePiece.USER_DEFINED):
+                out[i] = len(piece.piece.replace("▁", " ").encode("utf-8"))
+        return out
 
 
 def _string_array(field) -> list[str]:

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nano.quant import QuantizedWeight, QuantSpec, absmax_scales, codes_for
+from nano.quant_scheme import QuantSpec
+from nano.quant import QuantizedWeight, absmax_scales, codes_for
 
 RATIOS = np.linspace(0.0, 1.0, 20)  # salience exponents searched
 CLIPS = np.linspace(1.0, 0.5, 11)  # block-maximum fractions searched

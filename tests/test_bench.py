@@ -11,9 +11,11 @@ from click.testing import CliRunner
 from bench.run import bench
 from export.run import export
 from export.settings import ExportSettings
-from nano.cli import cli
+from cli.main import cli
 from nano.errors import NanoError
 from nano.perplexity import perplexity
+
+pytestmark = pytest.mark.slow  # exports, engines, imports or training runs: `make check` skips them
 
 SMALL = dict(prefill_lengths=(4, 16), max_tokens=64)
 
@@ -74,12 +76,12 @@ def test_decode_bytes_are_the_weights_and_the_cache(artifact, tiny_model, tmp_pa
 
     from bench.bandwidth import decode_bytes, memory_bandwidth
     from bench.run import tflite_of
-    from export.runtime import LiteRTLM
+    from export.runtime import TFLiteRunner
 
     tflite = tflite_of(artifact, tmp_path)
     read = decode_bytes(tflite)
     params = sum(x.size for x in __import__("jax").tree.leaves(nnx.state(tiny_model, nnx.Param))) * 4
-    cache = sum(int(np.prod(shape)) * 4 for shape in LiteRTLM(tflite, threads=1).cache_shapes.values())
+    cache = sum(int(np.prod(shape)) * 4 for shape in TFLiteRunner(tflite, threads=1).cache_shapes.values())
     assert read["kv_cache_bytes"] == cache
     # The converter folds the norm scales into the projections after them (a few vectors fewer) and adds small
     # constants of its own (RoPE tables, iotas): within a few percent of the parameters either way.
@@ -155,7 +157,7 @@ def test_vs_gguf_alternates_with_llama_cpp_and_reports_ratios(artifact, monkeypa
     assert set(peer["prefill_tokens_per_s"]) == {"4", "16"} and peer["decode_tokens_per_s"] > 1
     assert peer["ppl_tokens"] == len(Tokenizer.load(teacher_dir / "tokenizer.model").encode(text))
     assert peer["ppl_window"] == result["ppl_window"] == 64
-    from nano.models import load_model
+    from nano.resolve import load_model
 
     teacher, tokenizer = load_model(teacher_dir)  # llama.cpp runs int8 activations: ~1% from the float model
     assert peer["ppl"] == pytest.approx(perplexity(teacher, tokenizer, text, window=64).ppl, rel=0.03)

@@ -21,7 +21,7 @@ from flax import nnx
 
 from hf_tiny import training_text
 from nano.checkpoint import TOKENIZER_FILE
-from nano.cli import cli
+from cli.main import cli
 from nano.config import NANO_1, NANO_2, TINY
 from nano.tokenizer import Tokenizer
 
@@ -138,12 +138,15 @@ def test_perplexity_json(batch_size, tiny_model_dir, tiny_model, tiny_tokenizer,
     out = invoke("perplexity", tiny_model_dir, "--text", ppl_text, "--window", WINDOW, "--batch-size", batch_size,
                  "--json").stdout
     result = json.loads(out)
-    assert set(result) == {"ppl", "tokens"}
+    assert set(result) == {"ppl", "tokens", "bits_per_byte", "bytes"}
     text = ppl_text.read_text(encoding="utf-8")
     ppl, tokens = reference_perplexity(tiny_model, tiny_tokenizer, text, WINDOW)
     assert result["tokens"] == tokens == len(tiny_tokenizer.encode(text))
     assert result["ppl"] == pytest.approx(ppl, rel=1e-5)
     assert 1 < result["ppl"] < 10 * TINY.vocab_size
+    # bits per byte: the same total NLL over ln 2 × the text's UTF-8 bytes
+    assert result["bytes"] == len(text.encode("utf-8"))
+    assert result["bits_per_byte"] == pytest.approx(math.log(ppl) * tokens / (math.log(2) * result["bytes"]), rel=1e-5)
 
 
 def test_perplexity_text_output(tiny_model_dir, ppl_text):
@@ -173,6 +176,7 @@ def test_generate_greedy(tiny_model_dir, tiny_model, tiny_tokenizer):
     assert len(new) == 8  # no early stop, so all eight steps were compared
 
 
+@pytest.mark.slow
 def test_generate_seeds(tiny_model_dir):
     def sample(seed):
         return invoke("generate", tiny_model_dir, "--prompt", PROMPT, "--temperature", 1.0, "--max-new-tokens", 8,
@@ -183,6 +187,7 @@ def test_generate_seeds(tiny_model_dir):
     assert sample(1) != first  # 8 tokens from a near-flat distribution over 512: a collision is negligible
 
 
+@pytest.mark.slow
 def test_generate_teacher(teacher_dir):  # the fixture imports it once if the cache lacks it
     """The embedded teacher, greedy, in a real process. Gemma 3 270M continues "The capital of France is" with
     " the capital of the country of France.", so the prompt gives it a pattern; the first five tokens win by a

@@ -16,9 +16,11 @@ from distill.losses import KINDS
 from distill.settings import LOSS_KINDS, parse_layers
 from hf_tiny import training_text
 from nano.checkpoint import flat_params, load_model_dir
-from nano.cli import cli
+from cli.main import cli
 from nano.config import TINY
 from nano.errors import NanoError
+
+pytestmark = pytest.mark.slow  # exports, engines, imports or training runs: `make check` skips them
 
 COMMON = ("--student", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--top-k", "8",
           "--eval-batches", "1", "--checkpoint-every", "2")

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distill.data import Datasets, DataStats, decode_utf8, make_datasets, pack, read_documents
+from distill.data import Datasets, DataStats, make_datasets, pack
+from nano.documents import decode_utf8, read_documents
 from nano import corpus
 from nano.errors import NanoError
 

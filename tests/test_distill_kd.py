@@ -8,12 +8,14 @@ import pytest
 from flax import nnx
 
 from distill.data import make_datasets
-from distill.loop import LoopConfig, train
+from distill.loop import LoopConfig, TrainJob, train
 from distill.losses import distill_loss
 from distill.teacher import OnlineTeacher, make_loss
-from distill.train import OptimConfig
+from distill.step import OptimConfig
 from nano.config import TINY
 from nano.model import init_model
+
+pytestmark = pytest.mark.slow  # exports, engines, imports or training runs: `make check` skips them
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +33,9 @@ def _train(setting, kind):
     data, teacher_model, runs = setting
     cfg = LoopConfig(steps=25, optim=OptimConfig(lr=1e-2, warmup_steps=3, total_steps=25), checkpoint_every=25)
     teacher = OnlineTeacher(teacher_model, k=64, mode="sample", seed=0)
-    graphdef, state = train(runs / kind, TINY, data, make_loss(kind=kind, vocab_chunk=128), cfg,
-                            prepare=None if kind == "ce" else (lambda batch, step, _: teacher(batch, step)))
+    prepare = None if kind == "ce" else (lambda batch, step, _: teacher(batch, step))
+    graphdef, state = train(TrainJob(TINY, data, make_loss(kind=kind, vocab_chunk=128), cfg, prepare=prepare),
+                            runs / kind)
     return nnx.merge(graphdef, state.params)
 
 

@@ -13,7 +13,7 @@ from distill.losses import (SparseTeacher, distill_loss, distill_loss_from_hidde
                             sparse_from_logits, sparse_logprobs)
 from nano.config import TINY
 from nano.model import abstract_model
-from nano.perplexity import token_nll
+from nano.scoring import next_token_nll as token_nll
 
 B, T, V = 2, 5, 64
 DIVERGENCES = [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.1), ("jsd", 0.5), ("jsd", 0.9)]
@@ -290,6 +290,7 @@ def _softcap_head(cap):
     return head
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vocab,chunk,cap", [(300, 64, 3.0), (256, 64, None), (96, 1000, 3.0)])
 def test_chunked_equals_unchunked_values_and_gradients(vocab, chunk, cap):
     """Chunks that do not divide the vocabulary, that do, and one larger than it; with and without a softcap."""
@@ -328,7 +329,8 @@ def test_chunked_equals_unchunked_values_and_gradients(vocab, chunk, cap):
 def test_teacher_sparse_from_hidden_equals_from_logits(mode):
     """The online teacher walks the vocabulary in chunks: the same k ids, in the same order, and log-probs."""
     from distill.losses import sparse_from_hidden
-    from nano.quant import QuantSpec, quantize_rtn
+    from nano.quant_scheme import QuantSpec
+    from nano.quant import quantize_rtn
 
     rng = np.random.default_rng(7)
     hidden = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)

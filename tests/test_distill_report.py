@@ -125,11 +125,11 @@ def test_read_jsonl_drops_torn_last_line_only(tmp_path):
 
 def test_cli(runs, tmp_path):
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "distill.report", str(runs["base"]), str(runs["kd"]),
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "report", "distill", str(runs["base"]), str(runs["kd"]),
                            "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "KD vs CE: held-out perplexity −20.0%" in proc.stdout
     assert (out / "comparison.png").is_file() and (runs["base"] / "loss_curve.png").is_file()
-    bad = subprocess.run([sys.executable, "-m", "distill.report", str(tmp_path / "nope"), "--out", str(out)],
+    bad = subprocess.run([sys.executable, "-m", "cli.main", "report", "distill", str(tmp_path / "nope"), "--out", str(out)],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "Error:" in bad.stderr and "metrics.jsonl" in bad.stderr

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # exports, engines, imports or training runs: `make check` skips them
+
 TESTS = Path(__file__).parent
 
 RUN = textwrap.dedent("""
@@ -19,8 +21,8 @@ RUN = textwrap.dedent("""
     import jax.numpy as jnp
     from hf_tiny import train_tokenizer
     from distill.data import make_datasets
-    from distill.loop import LoopConfig, train
-    from distill.train import OptimConfig
+    from distill.loop import LoopConfig, TrainJob, train
+    from distill.step import OptimConfig
     from nano.config import TINY
     from nano.tokenizer import Tokenizer
 
@@ -43,7 +45,7 @@ RUN = textwrap.dedent("""
 
     cfg = LoopConfig(steps=12, optim=OptimConfig(lr=1e-2, warmup_steps=2, total_steps=12), grad_accum=2,
                      checkpoint_every=4, seed=1)
-    train(run_dir, TINY, data, loss_fn, cfg, resume=resume, on_step=on_step)
+    train(TrainJob(TINY, data, loss_fn, cfg, on_step=on_step), run_dir, resume=resume)
 """).format(tests=str(TESTS))
 
 

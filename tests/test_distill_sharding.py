@@ -12,13 +12,15 @@ import textwrap
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # exports, engines, imports or training runs: `make check` skips them
+
 RUN = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     from distill.sharding import make_mesh
-    from distill.train import OptimConfig, init_state, make_optimizer, make_train_step
+    from distill.step import OptimConfig, init_state, make_optimizer, make_train_step
     from nano.config import TINY
-    from nano.perplexity import token_nll
+    from nano.scoring import next_token_nll as token_nll
 
     mesh = make_mesh(sys.argv[1] if len(sys.argv) > 1 else None)
     optimizer = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=2, total_steps=10))

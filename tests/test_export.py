@@ -15,7 +15,7 @@ from checks import assert_refused_cleanly
 from export import bundle
 from export.graph import cache_names
 from export.run import export
-from export.runtime import LiteRTLM
+from export.runtime import TFLiteRunner
 from export.settings import ExportSettings
 from export.weights import read_back, tflite_layout
 from nano.checkpoint import flat_params, load_model_dir, save_model
@@ -25,6 +25,8 @@ from nano.quant import QuantizedWeight
 from nano.sampling import Generator, SamplingConfig
 from quantize.pipeline import quantize_model
 from quantize.settings import QuantizeSettings
+
+pytestmark = pytest.mark.slow  # exports, engines, imports or training runs: `make check` skips them
 
 CONTEXT = 64
 SMALL = dict(prefill_lengths=(4, 16), max_tokens=CONTEXT)
@@ -60,7 +62,7 @@ def _window(tokenizer, n):
 def test_float32_export_matches_jax_through_every_signature(float_export, tiny_model, tiny_tokenizer):
     _, plain = float_export
     assert plain["verification"]["ok"] and plain["verification"]["max_abs_logit_diff"] <= 1e-3
-    runner = LiteRTLM(plain["out"], threads=2)
+    runner = TFLiteRunner(plain["out"], threads=2)
     assert runner.prefill_lengths == [4, 16]
     window = _window(tiny_tokenizer, CONTEXT)
     expected = np.asarray(tiny_model(jnp.asarray(window[None]))[0][0])
@@ -79,7 +81,7 @@ def test_cache_layout_is_the_models_ring(float_export, tiny_model, tiny_tokenize
     tokens: global layers [1, kv_heads, context, head_dim], local layers a ring of window slots (position p in
     slot p % window), K and V alike."""
     _, plain = float_export
-    runner = LiteRTLM(plain["out"], threads=2)
+    runner = TFLiteRunner(plain["out"], threads=2)
     shapes = runner.cache_shapes
     assert list(shapes) == cache_names(TINY)
     for i, layer_type in enumerate(TINY.layer_types):
@@ -118,7 +120,7 @@ def test_engine_greedy_equals_jax_greedy(float_export, tiny_model, tiny_tokenize
         assert len(ids) > TINY.sliding_window and len(want) == 32 and len(set(want)) > 1
         assert text == engine.detokenize(want)
     # The Python runner reproduces the engine's loop in token ids.
-    assert LiteRTLM(float_export[1]["out"], threads=2).greedy(ids, 32) == want
+    assert TFLiteRunner(float_export[1]["out"], threads=2).greedy(ids, 32) == want
 
 
 def test_bundle_carries_metadata_and_provenance(float_export, tiny_model):
@@ -240,6 +242,7 @@ def test_embeddings_option(tiny_model_dir, gptq_dir, tmp_path):
     ("unknown quant", dict(quant="int3"), "--quant must be one of"),
     ("prefill above context", dict(prefill_lengths=(128,), max_tokens=64), "prefill length 128 exceeds --max-tokens"),
     ("context above the model's", dict(max_tokens=1024), "exceeds the model's context of 256"),
+    ("verification of one token", dict(verify_tokens=1), "verification needs at least 2 tokens"),
 ])
 def test_bad_settings_are_refused_cleanly(tiny_model_dir, tmp_path, case, settings, message):
     out = tmp_path / "out" / "m.litertlm"
@@ -260,7 +263,7 @@ def test_random_init_preset(tmp_path):
     with no tokenizer a .litertlm is refused in one line."""
     result = export("tiny", tmp_path / "tiny.tflite", ExportSettings(random_init=True, **SMALL))
     assert result["verification"]["ok"] and result["verification"]["text"] == f"{CONTEXT} pseudo-random token ids"
-    assert LiteRTLM(result["out"], threads=2).prefill_lengths == [4, 16]
+    assert TFLiteRunner(result["out"], threads=2).prefill_lengths == [4, 16]
     out = tmp_path / "out" / "tiny.litertlm"
     assert_refused_cleanly(lambda: export("tiny", out, ExportSettings(random_init=True, **SMALL)), out,
                            "no tokenizer with its 512-piece vocabulary")
@@ -293,7 +296,7 @@ def test_cli_errors_are_one_line(tmp_path, tiny_model_dir):
 def test_nano_export_is_the_same_command():
     from click.testing import CliRunner
 
-    from nano.cli import cli
+    from cli.main import cli
 
     result = CliRunner().invoke(cli, ["export", "--help"])
     assert result.exit_code == 0 and "--prefill-lengths" in result.output and "--random-init" in result.output

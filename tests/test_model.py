@@ -24,15 +24,18 @@ def _positions(batch, start, stop):
     return jnp.broadcast_to(jnp.arange(start, stop), (batch, stop - start))
 
 
-def _incremental(model, tokens, prefill, cache_len):
-    """Logits from a prefill of `prefill` tokens, then one token at a time through the cache."""
+def _incremental(model, tokens, prefill, cache_len, *, cache_dtype=jnp.float32, caches=None):
+    """Logits from a prefill of `prefill` tokens, then one token at a time through the cache (a `cache_dtype`
+    cache; each cache the model returns is appended to `caches` when given)."""
     b, t = tokens.shape
-    cache = KVCache.zeros(model.config, b, cache_len)
+    cache = KVCache.zeros(model.config, b, cache_len, dtype=cache_dtype)
     logits, cache = run(model, tokens[:, :prefill], _positions(b, 0, prefill), cache=cache)
     out = [logits]
     for i in range(prefill, t):
         logits, cache = run(model, tokens[:, i:i + 1], _positions(b, i, i + 1), cache=cache)
         out.append(logits)
+        if caches is not None:
+            caches.append(cache)
     return jnp.concatenate(out, axis=1)
 
 
@@ -91,14 +94,16 @@ def test_bfloat16_compute_tracks_float32(tiny_model):
     assert float(jnp.mean(jnp.argmax(f32, -1) == jnp.argmax(bf16, -1))) > 0.9
 
 
-def test_bfloat16_cache_parity(tiny_model):
+def test_bfloat16_cache_parity():
+    """A bfloat16 model decoding through a bfloat16 cache matches its full-sequence pass, and the cache it reads
+    and writes at every step stays bfloat16 (the path really ran in bfloat16)."""
     model = init_model(TINY, seed=0, dtype=jnp.bfloat16)
     tokens = _tokens(1, 12, seed=8)
-    cache = KVCache.zeros(TINY, 1, 16, dtype=jnp.bfloat16)
     full, _ = run(model, tokens)
-    incremental = _incremental(model, tokens, 4, 16)
+    caches = []
+    incremental = _incremental(model, tokens, 4, 16, cache_dtype=jnp.bfloat16, caches=caches)
     assert float(jnp.abs(full - incremental).max()) < 0.1
-    assert cache.k[0].dtype == jnp.bfloat16
+    assert len(caches) == 8 and {x.dtype for c in caches for x in (*c.k, *c.v)} == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_final_logit_softcap_bounds_logits():
@@ -171,6 +176,7 @@ def test_padded_chunk_rows_are_neither_seen_nor_written(tiny_model):
     assert got.k[0].shape[2] == TINY.sliding_window and got.k[1].shape[2] == 32  # local ring, global context
 
 
+@pytest.mark.slow
 def test_init_in_parts_equals_whole_model_init():
     """init_param_parts (the export's way to make a preset larger than memory) gives init_model's exact values,
     one part at a time: the embedding, each layer, the final norm."""

@@ -12,6 +12,8 @@ from distill.onpolicy import OnPolicy
 from nano.config import TINY
 from nano.model import init_model
 
+pytestmark = pytest.mark.slow  # exports, engines, imports or training runs: `make check` skips them
+
 ACCUM, ROWS, S = 2, 3, 20  # S > TINY's window of 8: decoding must get the sliding window right
 
 

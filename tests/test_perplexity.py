@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from nano.errors import NanoError
-from nano.perplexity import make_windows, perplexity, token_nll
+from nano.perplexity import make_windows, perplexity
+from nano.scoring import next_token_nll as token_nll
 
 
 def test_windows_follow_the_protocol():

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # exports, engines, imports or training runs: `make check` skips them
+
 NANO = Path(sys.executable).parent / "nano"
 
 

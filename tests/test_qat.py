@@ -8,16 +8,19 @@ import pytest
 from click.testing import CliRunner
 from flax import nnx
 
-from distill.settings import qat_block_size
+from distill.settings import qat_scheme
 from distill.sharding import make_mesh
-from distill.train import OptimConfig, fake_quantizer, init_state, make_optimizer, make_train_step
+from distill.step import OptimConfig, fake_quantizer, init_state, make_optimizer, make_train_step
 from hf_tiny import training_text
 from nano.checkpoint import flat_params, load_model_dir, load_quant_info, param_shapes
-from nano.cli import cli
+from cli.main import cli
 from nano.config import TINY
 from nano.errors import NanoError
-from nano.perplexity import token_nll
-from nano.quant import QuantSpec, quantize_rtn, tensor_specs
+from nano.scoring import next_token_nll as token_nll
+from nano.quant_scheme import QuantScheme, QuantSpec
+from nano.quant import quantize_rtn
+
+pytestmark = pytest.mark.slow  # exports, engines, imports or training runs: `make check` skips them
 
 
 def ce(model, batch, rng):
@@ -30,7 +33,7 @@ def test_qat_step_runs_the_forward_on_the_int4_grid(embeddings):
     mesh = make_mesh(None)
     optimizer = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=1, total_steps=2))
     graphdef, state = init_state(TINY, optimizer, seed=0, mesh=mesh)
-    specs = tensor_specs(param_shapes(TINY), block_size=32, embeddings=embeddings)
+    specs = QuantScheme(4, 32).tensor_specs(param_shapes(TINY), embeddings=embeddings)
     step = make_train_step(graphdef, optimizer, ce, mesh, jax.tree.map(lambda x: x.sharding, state),
                            param_transform=fake_quantizer(specs))
     tokens = np.random.default_rng(0).integers(0, TINY.vocab_size, (1, 4, 32)).astype(np.int32)
@@ -56,11 +59,11 @@ def test_qat_step_runs_the_forward_on_the_int4_grid(embeddings):
 
 
 def test_qat_scheme_names():
-    assert qat_block_size("int4-b32") == 32 and qat_block_size("int4-b128") == 128
-    assert qat_block_size("int4-channel") == 0
+    assert qat_scheme("int4-b32").block_size == 32 and qat_scheme("int4-b128").block_size == 128
+    assert qat_scheme("int4-channel").block_size == 0
     for bad in ("int8-b32", "int4-32", "int4-b", "int4-b33"):
         with pytest.raises(NanoError, match="--qat takes"):
-            qat_block_size(bad)
+            qat_scheme(bad)
 
 
 @pytest.mark.parametrize("embeddings, embedding_spec", [("int8", QuantSpec(8, 0, 1)), ("int4", QuantSpec(4, 32, 1))])

@@ -9,7 +9,8 @@ from flax import nnx
 
 from nano.checkpoint import flat_params, param_path
 from nano.model import KVCache, count_params
-from nano.quant import QuantSpec, fake_quantize, pack_int4, quantize_rtn, tensor_specs, unpack_int4
+from nano.quant_scheme import QuantScheme, QuantSpec
+from nano.quant import fake_quantize, pack_int4, quantize_rtn, unpack_int4
 
 SPECS = [QuantSpec(4, 32, 0), QuantSpec(4, 128, 0), QuantSpec(4, 0, 0), QuantSpec(8, 0, 1), QuantSpec(4, 32, 1)]
 
@@ -66,7 +67,7 @@ def test_fake_quantize_rounds_forward_and_passes_gradients_straight_through():
 
 def quantized(model, *, block_size=32, embeddings="int8"):
     q = nnx.clone(model)
-    specs = tensor_specs(flat_params(model), block_size=block_size, embeddings=embeddings)
+    specs = QuantScheme(4, block_size).tensor_specs(flat_params(model), embeddings=embeddings)
     state = nnx.state(q, nnx.Param)
     for path, var in nnx.to_flat_state(state):
         if param_path(path) in specs:
@@ -87,6 +88,7 @@ def dequantized(model):
     return f
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("embeddings", ["int8", "int4", "float"])
 def test_quantized_model_runs_through_the_one_model_code(tiny_model, embeddings):
     q = quantized(tiny_model, block_size=32, embeddings=embeddings)

@@ -12,14 +12,17 @@ from flax import nnx
 
 from checks import assert_refused_cleanly
 from nano.checkpoint import flat_params, load_model_dir, load_quant_info, save_model
-from nano.cli import cli
+from cli.main import cli
 from nano.errors import NanoError
-from nano.quant import QuantSpec, quantize_rtn
+from nano.quant_scheme import QuantSpec
+from nano.quant import quantize_rtn
 from quantize import awq
 from quantize.calibrate import walk_blocks
 from quantize.gptq import gptq
 from quantize.pipeline import awq_scale_and_fold, quantize_model
 from quantize.settings import QuantizeSettings
+
+pytestmark = pytest.mark.slow  # exports, engines, imports or training runs: `make check` skips them
 
 SPEC = QuantSpec(4, 32, 0)
 
@@ -242,7 +245,7 @@ def quantize_model_cli(model, out, *args):
 
 
 def test_compare_tabulates_and_plots_quantized_directories(quant_dir, tmp_path):
-    from quantize.compare import compare
+    from quantize.report import compare_directories as compare
 
     out, result = quant_dir
     rows = compare([out], tmp_path / "cmp")

@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nano.perplexity import token_nll
+from nano.scoring import next_token_nll as token_nll
+
+pytestmark = pytest.mark.slow  # exports, engines, imports or training runs: `make check` skips them
 
 GOLDEN = Path(__file__).parent / "golden"
 

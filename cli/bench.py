@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from bench.run import BACKENDS
+from cli.common import CONTEXT
 
 
-@click.command("bench")
+@click.command("bench", context_settings=CONTEXT)
 @click.argument("artifact", type=click.Path(dir_okay=False))
 @click.option("--backend", type=click.Choice(BACKENDS), default="litert", show_default=True,
               help="litert: ai-edge-litert's CompiledModel (XNNPACK); litert-lm: the LiteRT-LM engine (.litertlm).")
@@ -47,7 +48,7 @@ def bench_cmd(artifact, backend, threads, delegate, delegate_options, prefill_to
     from bench.run import bench
     from export.runtime import quiet_native_teardown
     from export.settings import parse_lengths
-    from nano.cli import _read_text
+    from nano.files import read_text
 
     err = Console(stderr=True)
     quiet_native_teardown()
@@ -55,7 +56,7 @@ def bench_cmd(artifact, backend, threads, delegate, delegate_options, prefill_to
         result = bench(artifact, backend=backend, threads=threads, delegate=delegate,
                        delegate_options=_options(delegate_options),
                        prefill_tokens=parse_lengths(prefill_tokens), decode_tokens=decode_tokens, repeats=repeats,
-                       text=_read_text(text) if text else None, model=model, vs_gguf=vs_gguf,
+                       text=read_text(text) if text else None, model=model, vs_gguf=vs_gguf,
                        progress=lambda message: status.update(f"benchmarking: {message}"))
     if report_dir is not None:
         from bench.report import write_report

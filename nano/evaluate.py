@@ -1,7 +1,11 @@
-"""Held-out evaluation of a student, optionally against its teacher.
+"""Scoring a model on fixed batches, optionally against a reference model: distillation's held-out evaluation
+(student vs teacher), quantization's report (quantized vs float) and `nano perplexity` (windows of a text).
 
     evaluate = Evaluator(datasets.heldout_batches(), teacher_model=teacher)
     result = evaluate(student)   # {"heldout_ppl", "heldout_nll", "heldout_tokens", "teacher_student_top1", ...}
+
+A batch is a dict of [B, S] arrays under BATCH_KEYS: the model reads `tokens` at `positions` (restarting at each
+document, kept apart by `segment_ids`), and is scored on predicting `targets` with `weights` (0 on padding).
 
 Every quantity is a weighted sum over the held-out target positions (weight 0 on padding and document ends),
 summed in float64 on the host and divided at the end, so the result does not depend on how rows are batched.
@@ -15,15 +19,17 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from distill.data import BATCH_KEYS
 from nano.errors import NanoError
+from nano.scoring import bits_per_byte, kl_from_logits, nll
 
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "weights")
 
 
 def _chunk_sums(student_graph, teacher_graph, student_state, teacher_state, chunk):
@@ -36,19 +42,13 @@ def _chunk_sums(student_graph, teacher_graph, student_state, teacher_state, chun
     w = chunk["weights"].astype(jnp.float32)
     live = w > 0  # masking, not just multiplying: a NaN or inf at a padding position must not leak into a sum
     logits = logits_of(student_graph, student_state)
-    student_lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, chunk["targets"][..., None], axis=-1)[..., 0]
-    nll = student_lse - picked
-    sums = [jnp.sum(jnp.where(live, w * nll, 0.0)), jnp.sum(w)]
+    sums = [jnp.sum(jnp.where(live, w * nll(logits, chunk["targets"]), 0.0)), jnp.sum(w)]
     if teacher_graph is None:
         return jnp.stack(sums + [jnp.zeros(()), jnp.zeros(())])
     teacher = logits_of(teacher_graph, teacher_state)
-    # Few passes over the [rows, S, V] logits (on a CPU these elementwise passes cost as much as the forwards):
-    # KL(P‖Q) = Σ p (t − s) − lse(t) + lse(s) since Σ p = 1; top-1 agreement as "the maxima share a position",
-    # which needs no argmax (a slow variadic reduction on XLA:CPU).
-    teacher_lse = jax.nn.logsumexp(teacher, axis=-1)
-    p = jnp.exp(teacher - teacher_lse[..., None])
-    kl = jnp.sum(p * (teacher - logits), axis=-1) - teacher_lse + student_lse
+    kl = kl_from_logits(teacher, logits)
+    # Top-1 agreement as "the maxima share a position", which needs no argmax (a slow variadic reduction on
+    # XLA:CPU).
     at_max = (logits == jnp.max(logits, axis=-1, keepdims=True)) & (teacher == jnp.max(teacher, axis=-1, keepdims=True))
     agree = jnp.any(at_max, axis=-1).astype(jnp.float32)
     return jnp.stack(sums + [jnp.sum(jnp.where(live, w * agree, 0.0)), jnp.sum(jnp.where(live, w * kl, 0.0))])
@@ -76,9 +76,15 @@ class Evaluator:
     `max_chunk_elements` bounds the logits of one model per lax.map step (2**28 float32 = 1 GiB: chunks of a few
     rows keep the teacher's matmuls efficient on a CPU, where one-row chunks halved its speed)."""
 
-    def __init__(self, heldout_batches: list[dict], *, teacher_model=None, max_chunk_elements: int = 2 ** 28):
+    def __init__(self, heldout_batches: list[dict], *, teacher_model=None, token_bytes: np.ndarray | None = None,
+                 max_chunk_elements: int = 2 ** 28):
+        """`token_bytes` (the UTF-8 bytes each vocabulary id decodes to, `Tokenizer.token_bytes`) adds bits per
+        byte: the NLL over the bytes of the scored targets."""
         if not heldout_batches:
             raise NanoError("no held-out batches to evaluate on (is the held-out split empty?)")
+        self.scored_bytes = None if token_bytes is None else int(sum(
+            np.sum(np.asarray(b["weights"]) * np.asarray(token_bytes)[np.asarray(b["targets"])])
+            for b in heldout_batches))
         self.batches = [{k: jnp.asarray(b[k]) for k in BATCH_KEYS} for b in heldout_batches]  # on device once
         if teacher_model is None:
             self._teacher_graph, self._teacher_state, self._teacher_vocab = None, None, 0
@@ -87,19 +93,24 @@ class Evaluator:
             self._teacher_vocab = teacher_model.config.vocab_size
         self.max_chunk_elements = max_chunk_elements
 
-    def __call__(self, student_model) -> dict:
+    def __call__(self, student_model, *, progress: Callable[[int, int], None] | None = None) -> dict:
+        """The scores of `student_model`; `progress(done, total)` hears each batch."""
         graph, state = nnx.split(student_model)
         vocab = max(student_model.config.vocab_size, self._teacher_vocab)
         totals = np.zeros(4, np.float64)
-        for batch in self.batches:
+        for done, batch in enumerate(self.batches, start=1):
             rows = _rows_per_chunk(*batch["tokens"].shape, vocab, self.max_chunk_elements)
             sums = _batch_sums(graph, self._teacher_graph, rows, state, self._teacher_state, batch)
             totals += np.asarray(jax.device_get(sums), np.float64)
+            if progress:
+                progress(done, len(self.batches))
         nll_sum, weight_sum, agree_sum, kl_sum = totals
         if weight_sum <= 0:
             raise NanoError("the held-out batches have no scored tokens (every weight is 0)")
         nll = float(nll_sum / weight_sum)
         result = {"heldout_ppl": math.exp(nll), "heldout_nll": nll, "heldout_tokens": int(round(weight_sum))}
+        if self.scored_bytes:
+            result["bits_per_byte"] = bits_per_byte(nll_sum, self.scored_bytes)
         if self._teacher_graph is not None:
             result["teacher_student_top1"] = float(agree_sum / weight_sum)
             result["kl_teacher_student"] = float(kl_sum / weight_sum)

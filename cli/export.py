@@ -6,18 +6,14 @@ import json
 
 import click
 
-from export.settings import EMBEDDINGS, QUANTS, ExportSettings, parse_lengths
-from nano.errors import OneLineErrors
+from cli.common import CONTEXT, Command
+from export.settings import QUANTS, ExportSettings, parse_lengths
+from nano.quant_scheme import EMBEDDINGS
 
-_E = ExportSettings()
-
-
-class _Command(OneLineErrors, click.Command):
-    """Standalone (`nano-export`), a NanoError is one `Error: ...` line too, as under `nano`."""
+DEFAULTS = ExportSettings()
 
 
-@click.command("export", cls=_Command, context_settings={"help_option_names": ["-h", "--help"],
-                                                               "max_content_width": 110})
+@click.command("export", cls=Command, context_settings=CONTEXT)
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="The artifact: FILE.litertlm (for the LiteRT-LM engine) or FILE.tflite.")
@@ -27,7 +23,7 @@ class _Command(OneLineErrors, click.Command):
 @click.option("--embeddings", type=click.Choice(EMBEDDINGS), default=None,
               help="With --quant int8/int4 on a float model: the embedding table (shared with the output head). "
                    "Default: the scheme's bits (int4 for int4-b32/b128, 4× smaller than float32).")
-@click.option("--prefill-lengths", default=",".join(map(str, _E.prefill_lengths)), show_default=True,
+@click.option("--prefill-lengths", default=",".join(map(str, DEFAULTS.prefill_lengths)), show_default=True,
               help="Comma-separated prefill signature lengths (prefill_<N>).")
 @click.option("--max-tokens", type=int, default=None,
               help="Context the artifact holds (the global layers' KV cache). Default: 4096, or the model's own "

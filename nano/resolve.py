@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from nano.checkpoint import is_model_dir, load_config, load_model_dir
 from nano.config import PRESETS, ModelConfig
 from nano.errors import NanoError
+from nano.files import atomic_write
 from nano.ui import status
 
 DEFAULT_TEACHER = "gemma3-270m"
@@ -31,13 +32,7 @@ def teacher_gguf_path() -> Path:
 
     path = cache_dir() / "gguf" / package.MODEL_NAME
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            package.assemble(tmp, overwrite=True)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda tmp: package.assemble(tmp, overwrite=True))
     return path
 
 

@@ -6,27 +6,29 @@ import json
 
 import click
 
-from quantize.settings import EMBEDDINGS, METHODS, QuantizeSettings, parse_block_size
+from cli.common import CONTEXT
+from nano.quant_scheme import EMBEDDINGS
+from quantize.settings import METHODS, QuantizeSettings, parse_block_size
 
-_Q = QuantizeSettings()
+DEFAULTS = QuantizeSettings()
 
 
-@click.command("quantize")
+@click.command("quantize", context_settings=CONTEXT)
 @click.argument("model")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Quantized model directory to write.")
-@click.option("--method", type=click.Choice(METHODS), default=_Q.method, show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default=DEFAULTS.method, show_default=True,
               help="Round to nearest, GPTQ (Hessian error feedback) or AWQ (activation-aware scales + clipping).")
-@click.option("--block-size", default=str(_Q.block_size), show_default=True,
+@click.option("--block-size", default=str(DEFAULTS.block_size), show_default=True,
               help="Weights per int4 scale along the input dimension (32, 64, 128, ...) or 'channel'.")
-@click.option("--embeddings", type=click.Choice(EMBEDDINGS), default=_Q.embeddings, show_default=True,
+@click.option("--embeddings", type=click.Choice(EMBEDDINGS), default=DEFAULTS.embeddings, show_default=True,
               help="The tied embedding / output head: int8 per row, int4 in blocks, or kept float.")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
               help="Calibration text for GPTQ/AWQ (default: the stdlib corpus's train split).")
-@click.option("--samples", default=_Q.samples, show_default=True, help="Calibration sequences.")
-@click.option("--seq-len", default=_Q.seq_len, show_default=True, help="Tokens per calibration sequence.")
-@click.option("--act-order/--no-act-order", default=_Q.act_order, show_default=True,
+@click.option("--samples", default=DEFAULTS.samples, show_default=True, help="Calibration sequences.")
+@click.option("--seq-len", default=DEFAULTS.seq_len, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--act-order/--no-act-order", default=DEFAULTS.act_order, show_default=True,
               help="GPTQ: quantize the most active inputs first.")
-@click.option("--damp", default=_Q.damp, show_default=True, help="GPTQ: Hessian damping (fraction of its mean diagonal).")
+@click.option("--damp", default=DEFAULTS.damp, show_default=True, help="GPTQ: Hessian damping (fraction of its mean diagonal).")
 @click.option("--eval-text", type=click.Path(dir_okay=False), default=None,
               help="Text for the perplexity / KL / top-1 report (default: 40k characters of the held-out split).")
 @click.option("--no-eval", is_flag=True, help="Skip the comparison with the float model.")

@@ -1,3 +1,4 @@
+import pytest
 """The train step's options: bfloat16 compute over float32 master weights; rematerialisation policies."""
 
 import jax
@@ -5,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill.sharding import make_mesh
-from distill.train import OptimConfig, init_state, make_optimizer, make_train_step
+from distill.step import OptimConfig, init_state, make_optimizer, make_train_step
 from nano.config import TINY
-from nano.perplexity import token_nll
+from nano.scoring import next_token_nll as token_nll
 
 
 def _run(compute_dtype, steps=3, remat="none"):
@@ -33,6 +34,7 @@ def _run(compute_dtype, steps=3, remat="none"):
     return state, losses, seen["hidden"]
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_masters():
     state32, losses32, dtype32 = _run(jnp.float32)
     state16, losses16, dtype16 = _run(jnp.bfloat16)
@@ -46,6 +48,7 @@ def test_bfloat16_compute_keeps_float32_masters():
     assert 0 < max(moved) < 0.1
 
 
+@pytest.mark.slow
 def test_remat_policies_recompute_the_same_training():
     """Remat changes what the backward pass keeps, not what it computes: the same losses and parameters."""
     state, losses, _ = _run(jnp.float32)

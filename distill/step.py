@@ -20,7 +20,8 @@ from jax.sharding import Mesh, NamedSharding
 from distill.sharding import batch_sharding, param_name, param_spec, replicated
 from nano.config import ModelConfig
 from nano.model import Decoder
-from nano.quant import QuantSpec, fake_quantize
+from nano.quant_scheme import QuantSpec
+from nano.quant import fake_quantize
 
 LossFn = Callable[[Decoder, dict, jax.Array], tuple[jax.Array, dict]]
 ParamTransform = Callable[[nnx.State], nnx.State]

@@ -1,0 +1,67 @@
+"""`nano report`: tables and charts that put several runs, quantized models or benchmarks side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from cli.common import CONTEXT, Group
+from nano.errors import NanoError
+
+out_option = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+                          help="Directory the report is written to.")
+
+
+@click.group("report", cls=Group, context_settings=CONTEXT)
+def report_group():
+    """Compare finished work: distillation runs, quantized models, benchmark results."""
+
+
+@report_group.command("distill")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@out_option
+def distill_report(run_dirs: tuple[Path, ...], out_dir: Path) -> None:
+    """Plot each RUN_DIR's loss curve and compare the runs (named by directory) in OUT: comparison.md, .json,
+    .png (held-out perplexity against tokens seen; KD vs the CE run at equal tokens)."""
+    from distill.report import compare_runs, plot_run
+
+    names = [d.resolve().name for d in run_dirs]
+    if len(set(names)) != len(names):
+        raise NanoError(f"run directories must have distinct names, got {', '.join(names)}")
+    for run_dir in run_dirs:
+        click.echo(f"wrote {plot_run(run_dir)}")
+    compare_runs(dict(zip(names, run_dirs)), out_dir)
+    click.echo((out_dir / "comparison.md").read_text(), nl=False)
+
+
+@report_group.command("quantize")
+@click.argument("directories", nargs=-1, required=True, type=click.Path(path_type=Path))
+@out_option
+def quantize_report(directories: tuple[Path, ...], out_dir: Path) -> None:
+    """Compare quantized model DIRECTORIES (their quant.json reports) in OUT: comparison.md, .json, .png."""
+    from quantize.report import compare_directories
+
+    compare_directories(list(directories), out_dir)
+    click.echo((out_dir / "comparison.md").read_text(), nl=False)
+
+
+@report_group.command("bench")
+@click.argument("results", nargs=-1, required=True)
+@out_option
+def bench_report(results: tuple[str, ...], out_dir: Path) -> None:
+    """Report NAME=FILE results (each `nano bench --json` output) together in OUT: bench.md, .json, .png."""
+    from bench.report import write_report
+
+    loaded = {}
+    for item in results:
+        name, sep, file = item.partition("=")
+        if not sep or not Path(file).is_file():
+            raise NanoError(f"expected NAME=FILE with an existing `nano bench --json` file, got {item!r}")
+        try:
+            loaded[name] = json.loads(Path(file).read_text())
+        except json.JSONDecodeError as e:
+            raise NanoError(f"{file} is not a `nano bench --json` result ({e.msg})") from None
+    for path in write_report(loaded, out_dir):
+        click.echo(path)

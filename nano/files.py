@@ -1,0 +1,115 @@
+"""Files that appear whole or not at all, and what a process leaves on disk and in memory.
+
+Every stage writes its results here: a reader (or a resumed run) never finds half a checkpoint, JSON, PNG or
+artifact under its final name, because each is written under a temporary name in the same directory and renamed
+into place when complete (a rename within one directory is atomic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from nano.errors import NanoError
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object], *, durable: bool = False) -> Path:
+    """Run write(temporary path), then rename it onto `path`. `durable` also fsyncs the file and the rename, for
+    what a killed process must find intact (the teacher cache's shards)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        if durable:
+            _fsync(tmp)
+        os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """`path` holds `text` (UTF-8), written atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """A matplotlib Figure as a PNG, atomically. Figures are built with the object API (`Figure`, no pyplot), which
+    renders with Agg and keeps no global state: safe headless and in threads."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def scratch_directory(beside: str | Path) -> Iterator[Path]:
+    """A private temporary directory next to `beside` (same filesystem, so its files rename into place), removed
+    afterwards whatever happens."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{beside.name}.tmp-", dir=beside.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty directory to fill; when the block succeeds it becomes `out` (replacing an old one only with
+    `overwrite`), when it fails nothing is left. Refuses an existing `out` without `overwrite` before any work."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise NanoError(f"{out} already exists (pass --force to replace it)")
+    with scratch_directory(out) as tmp:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def directory_bytes(path: str | Path) -> int:
+    """Bytes of every file under `path` (a model directory, a cache): what it takes on disk."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def read_text(path: str | Path) -> str:
+    """A text file a command works on, as UTF-8 (undecodable bytes replaced); one clear error when it is missing or
+    empty."""
+    p = Path(path)
+    if not p.is_file():
+        raise NanoError(f"{path} does not exist or is not a file")
+    text = p.read_bytes().decode("utf-8", errors="replace")
+    if not text.strip():
+        raise NanoError(f"{path} is empty: nothing to work on")
+    return text
