@@ -31,13 +31,14 @@ def rows(results: dict[str, dict]) -> list[dict]:
 
 def _markdown(table: list[dict]) -> str:
     lengths = sorted({n for r in table for n in r["prefill_tokens_per_s"]}, key=int)
-    head = ["", "backend", "MiB", "perplexity", *(f"prefill {n} tok/s" for n in lengths), "decode tok/s",
-            "first token ms", "peak RSS GiB"]
+    head = ["", "backend", "MiB", "bits per byte", "perplexity", *(f"prefill {n} tok/s" for n in lengths),
+            "decode tok/s", "first token ms", "peak RSS GiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
+        bpb = f"{r['bits_per_byte']:.4f}" if "bits_per_byte" in r else "–"
         ppl = f"{r['ppl']:.3f} ({r['ppl_tokens']:,} tokens)" if "ppl" in r else "–"
         prefill = [f"{r['prefill_tokens_per_s'][n]:,.0f}" if n in r["prefill_tokens_per_s"] else "–" for n in lengths]
-        lines.append("| " + " | ".join([r["name"], r["backend"], f"{r['file_bytes'] / 2**20:,.1f}", ppl, *prefill,
+        lines.append("| " + " | ".join([r["name"], r["backend"], f"{r['file_bytes'] / 2**20:,.1f}", bpb, ppl, *prefill,
                                         f"{r['decode_tokens_per_s']:,.1f}", f"{r['time_to_first_token_s'] * 1e3:,.0f}",
                                         f"{r['peak_rss_bytes'] / 2**30:.2f}"]) + " |")
     notes = []
@@ -52,8 +53,8 @@ def _markdown(table: list[dict]) -> str:
                          f"{r['decode_bandwidth_fraction']:.0%} of the {r['memory_bandwidth_bytes_per_s'] / 1e9:.1f} "
                          f"GB/s measured here; the bandwidth limit is {r['decode_tokens_per_s_limit']:,.1f} tokens/s.")
     threads = sorted({r["threads"] for r in table if "threads" in r})
-    return "\n".join([*lines, "", f"Threads: {', '.join(map(str, threads))}. Medians over each result's repeats.",
-                      *notes]) + "\n"
+    return "\n".join([*lines, "", f"Threads: {', '.join(map(str, threads))}. Medians over each result's repeats. "
+                      "Bits per byte compare models whose vocabularies differ; perplexity is per token.", *notes]) + "\n"
 
 
 def _bars(ax, names, values, label, color, fmt):
@@ -68,15 +69,17 @@ def _bars(ax, names, values, label, color, fmt):
 def _plot(table: list[dict], path: Path) -> Path:
     names = [r["name"] for r in table]
     with_ppl = any("ppl" in r for r in table)
+    quality = "bits_per_byte" if all("bits_per_byte" in r for r in table if "ppl" in r) else "ppl"
     fig = Figure(figsize=(12, (1.4 + 0.6 * len(table)) * (2 if with_ppl else 1)))
     axes = list(fig.subplots(2, 2).flat if with_ppl else fig.subplots(1, 3))
     size, prefill, decode = axes.pop(0), axes.pop(-2), axes.pop(-1)
     _bars(size, names, [r["file_bytes"] / 2**20 for r in table], "file size (MiB)", "tab:gray", "{:,.0f}")
     if with_ppl:
-        values = [r.get("ppl", np.nan) for r in table]
-        _bars(axes[0], names, values, "perplexity through the file (lower is better)", "tab:red", "{:.3f}")
+        values = [r.get(quality, np.nan) for r in table]
+        label = "bits per byte" if quality == "bits_per_byte" else "perplexity"
+        _bars(axes[0], names, values, f"{label} through the file (lower is better)", "tab:red", "{:.3f}")
         axes[0].tick_params(labelleft=False)
-        if np.nanmax(values) > 20 * np.nanmin(values):  # a short demo student next to its teacher
+        if quality == "ppl" and np.nanmax(values) > 20 * np.nanmin(values):  # a random-init student and its teacher
             axes[0].set_xscale("log")
             axes[0].set_xlim(1, np.nanmax(values) * 5)
             axes[0].set_xlabel("perplexity through the file (log scale, lower is better)")

@@ -162,81 +162,110 @@ def ratios(ours: dict, peer: dict) -> dict:
     return out
 
 
-def bench(artifact: str | Path, *, backend: str = "litert", threads: int | None = None, delegate: str | None = None,
-          delegate_options: dict[str, str] | None = None,
-          prefill_tokens: tuple[int, ...] = (128, 512), decode_tokens: int = 128, repeats: int = 3,
-          text: str | None = None, model: str | None = None, vs_gguf: str | None = None,
-          progress=lambda message: None) -> dict:
-    """Time ARTIFACT; with `vs_gguf`, llama.cpp on that GGUF in alternating runs (ours, llama.cpp, ours, ...), so
-    that both see the same machine state, and the ratios. `progress` hears what runs."""
-    import os
-
-    from bench.bandwidth import decode_limit
-
-    path = Path(artifact)
-    if not path.is_file():
-        raise NanoError(f"{path} does not exist or is not a file")
-    if path.suffix not in (".tflite", ".litertlm"):
-        raise NanoError(f"{path} is neither a .tflite nor a .litertlm")
+def _check(paths: list[Path], backend: str, delegate, repeats: int, decode_tokens: int, prefill_tokens) -> None:
+    if not paths:
+        raise NanoError("no artifact to bench")
+    for path in paths:
+        if not path.is_file():
+            raise NanoError(f"{path} does not exist or is not a file")
+        if path.suffix not in (".tflite", ".litertlm"):
+            raise NanoError(f"{path} is neither a .tflite nor a .litertlm")
+        if backend == "litert-lm" and path.suffix != ".litertlm":
+            raise NanoError(f"the litert-lm backend runs a .litertlm bundle; {path} is a bare .tflite")
     if backend not in BACKENDS:
         raise NanoError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "litert-lm" and path.suffix != ".litertlm":
-        raise NanoError("the litert-lm backend runs a .litertlm bundle; this is a bare .tflite")
     if backend == "litert-lm" and delegate is not None:
         raise NanoError("--delegate runs through ai-edge-litert: use it with --backend litert")
     if repeats < 1 or decode_tokens < 2 or not prefill_tokens or min(prefill_tokens) < 1:
         raise NanoError("--repeats must be ≥ 1, --decode-tokens ≥ 2 and prefill lengths ≥ 1")
+
+
+class _Subject:
+    """One artifact under test: its .tflite, its Python runner while the litert backend times it, its rounds."""
+
+    def __init__(self, path: Path, tmp: Path, *, threads: int, delegate, delegate_options, longest: int, limit: str):
+        self.path, self.tflite, self.rounds = path, tflite_of(path, tmp), []
+        self.result = {"artifact": str(path), "file_bytes": path.stat().st_size}
+        start = time.perf_counter()
+        self.runner = open_runner(self.tflite, threads=threads, delegate=delegate, delegate_options=delegate_options)
+        self.load = time.perf_counter() - start
+        self.result.update(getattr(self.runner, "placement", {}))
+        self.max_tokens = self.runner.max_tokens
+        if longest > self.max_tokens:
+            raise NanoError(f"{limit} exceed the artifact's context of {self.max_tokens}")
+        self.ids = np.random.default_rng(0).integers(3, self.runner.vocab_size, longest).tolist()
+
+
+def bench(artifact: str | Path, **options) -> dict:
+    """`bench_many` of one artifact: its result."""
+    return bench_many([artifact], **options)[0]
+
+
+def bench_many(artifacts: list[str | Path], *, backend: str = "litert", threads: int | None = None,
+               delegate: str | None = None, delegate_options: dict[str, str] | None = None,
+               prefill_tokens: tuple[int, ...] = (128, 512), decode_tokens: int = 128, repeats: int = 3,
+               text: str | None = None, model: str | None = None, vs_gguf: str | None = None,
+               progress=lambda message: None) -> list[dict]:
+    """Time each ARTIFACT in alternating rounds (each artifact once per round, then llama.cpp on `vs_gguf` when
+    given), so that all see the same machine state, and report each one's medians; with `vs_gguf`, each result's
+    ratios to llama.cpp. `progress` hears what runs."""
+    import os
+
+    from bench.bandwidth import decode_limit
+
+    paths = [Path(a) for a in artifacts]
+    _check(paths, backend, delegate, repeats, decode_tokens, prefill_tokens)
     if vs_gguf == DEFAULT_TEACHER:
         vs_gguf = str(teacher_gguf_path())
     if vs_gguf is not None and not Path(vs_gguf).is_file():
         raise NanoError(f"--vs-gguf {vs_gguf} does not exist or is not a file")
     threads = threads or os.cpu_count() or 1
     prefill_tokens = sorted(prefill_tokens)
-    result = {"artifact": str(path), "backend": backend, "threads": threads, "file_bytes": path.stat().st_size,
-              "decode_tokens": decode_tokens, "repeats": repeats}
-    ours, peer, peer_quality = [], [], {}
-
-    def round_with_peer(run_ours) -> None:
+    longest = max(prefill_tokens) + decode_tokens + 1
+    peer, peer_quality = [], {}
+    with tempfile.TemporaryDirectory() as tmp, quiet_native_stderr():
+        tmp = Path(tmp)
+        subjects = []
+        for i, path in enumerate(paths):  # each in its own folder: two bundles' .tflite sections share a name
+            (tmp / str(i)).mkdir()
+            subjects.append(_Subject(path, tmp / str(i), threads=threads, delegate=delegate,
+                                     delegate_options=delegate_options, longest=longest,
+                                     limit=f"prefill {max(prefill_tokens)} + decode {decode_tokens} tokens"))
+        window = min(PERPLEXITY_WINDOW, *(s.max_tokens for s in subjects))
+        peer_text = tmp / "text.txt" if text is not None else None
+        if peer_text is not None:
+            peer_text.write_text(text, encoding="utf-8")
+        if text is not None:
+            for s in subjects:
+                progress(f"perplexity through {s.path.name}")
+                s.result.update(artifact_perplexity(s.runner, tokenizer_of(s.path, model), text, window=window))
+        if backend == "litert-lm":
+            for s in subjects:
+                s.runner = None  # the engine loads the bundle itself, each round
         for r in range(repeats):
-            progress(f"run {r + 1}/{repeats}: {backend}")
-            ours.append(run_ours())
+            for s in subjects:
+                progress(f"run {r + 1}/{repeats}: {s.path.name} ({backend})")
+                s.rounds.append(_round_litert_lm(s.path, threads, prefill_tokens, decode_tokens, tmp)
+                                if backend == "litert-lm" else
+                                {**_round_litert(s.runner, s.ids, prefill_tokens, decode_tokens), "load_s": s.load})
             if vs_gguf is not None:  # the first llama.cpp run also scores the text, on the same windows
                 progress(f"run {r + 1}/{repeats}: llama.cpp" + (" (and its perplexity)" if r == 0 and text else ""))
                 figures = _round_gguf(Path(vs_gguf), threads, prefill_tokens, decode_tokens,
                                       text=peer_text if r == 0 else None, window=window)
                 peer_quality.update({k: figures.pop(k) for k in QUALITY_KEYS if k in figures})
                 peer.append(figures)
-
-    with tempfile.TemporaryDirectory() as tmp, quiet_native_stderr():
-        tmp = Path(tmp)
-        tflite = tflite_of(path, tmp)
-        start = time.perf_counter()
-        runner = open_runner(tflite, threads=threads, delegate=delegate, delegate_options=delegate_options)
-        load = time.perf_counter() - start
-        result.update(getattr(runner, "placement", {}))
-        window = min(PERPLEXITY_WINDOW, runner.max_tokens)
-        peer_text = tmp / "text.txt" if text is not None else None
-        if peer_text is not None:
-            peer_text.write_text(text, encoding="utf-8")
-        longest = max(prefill_tokens) + decode_tokens + 1
-        if longest > runner.max_tokens:
-            raise NanoError(f"prefill {max(prefill_tokens)} + decode {decode_tokens} tokens exceed the artifact's "
-                            f"context of {runner.max_tokens}")
-        if backend == "litert":
-            ids = np.random.default_rng(0).integers(3, runner.vocab_size, longest).tolist()
-            round_with_peer(lambda: {**_round_litert(runner, ids, prefill_tokens, decode_tokens), "load_s": load})
-        if text is not None:
-            progress("perplexity through the artifact")
-            result.update(artifact_perplexity(runner, tokenizer_of(path, model), text, window=window))
-        del runner
-        if backend == "litert-lm":
-            round_with_peer(lambda: _round_litert_lm(path, threads, prefill_tokens, decode_tokens, tmp))
-        result.update(_median(ours))
-        progress("memory bandwidth")
-        result.update(decode_limit(tflite, result["decode_tokens_per_s"], threads))
-    if peer:
-        result["peer"] = {"engine": "llama.cpp", "gguf": str(vs_gguf), "file_bytes": Path(vs_gguf).stat().st_size,
-                          **_median(peer), **peer_quality}
-        result["ratios"] = ratios(result, result["peer"])
-    result["peak_rss_bytes"] = peak_rss_bytes()
-    return result
+        results = []
+        for s in subjects:
+            s.runner = None
+            result = {**s.result, "backend": backend, "threads": threads, "decode_tokens": decode_tokens,
+                      "repeats": repeats, **_median(s.rounds)}
+            progress(f"memory bandwidth ({s.path.name})")
+            result.update(decode_limit(s.tflite, result["decode_tokens_per_s"], threads))
+            results.append(result)
+    for result in results:
+        if peer:
+            result["peer"] = {"engine": "llama.cpp", "gguf": str(vs_gguf),
+                              "file_bytes": Path(vs_gguf).stat().st_size, **_median(peer), **peer_quality}
+            result["ratios"] = ratios(result, result["peer"])
+        result["peak_rss_bytes"] = peak_rss_bytes()
+    return results

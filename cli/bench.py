@@ -12,7 +12,7 @@ from cli.common import CONTEXT
 
 
 @click.command("bench", context_settings=CONTEXT)
-@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--backend", type=click.Choice(BACKENDS), default="litert", show_default=True,
               help="litert: ai-edge-litert's CompiledModel (XNNPACK); litert-lm: the LiteRT-LM engine (.litertlm).")
 @click.option("--threads", type=int, default=None, help="CPU threads, for us and for llama.cpp (default: all).")
@@ -30,22 +30,25 @@ from cli.common import CONTEXT
               help="Also run llama.cpp on this GGUF (or gemma3-270m: the embedded teacher's), alternating with ours, and "
                    "report the ratios; needs `make peer`.")
 @click.option("--report", "report_dir", default=None, metavar="DIR", help="Write bench.md, bench.json, bench.png here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def bench_cmd(artifact, backend, threads, delegate, delegate_options, prefill_tokens, decode_tokens, repeats, text,
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as one JSON object (a list of them for several artifacts).")
+def bench_cmd(artifacts, backend, threads, delegate, delegate_options, prefill_tokens, decode_tokens, repeats, text,
               model, vs_gguf, report_dir, as_json):
-    """Time an exported ARTIFACT (.tflite or .litertlm): load, time to first token, prefill and decode tokens/s,
-    peak RSS, file size, and how close decode is to the memory-bandwidth limit; with --text, perplexity through
-    the artifact; with --vs-gguf, llama.cpp on the same machine, threads and lengths.
+    """Time exported ARTIFACTS (.tflite or .litertlm): load, time to first token, prefill and decode tokens/s,
+    peak RSS, file size, and how close decode is to the memory-bandwidth limit; with --text, perplexity and bits
+    per byte through the artifact; with --vs-gguf, llama.cpp on the same machine, threads and lengths. Several
+    artifacts run in alternating rounds (each once per round), so their ratios are measured in one machine state.
 
     \b
     nano bench runs/export/teacher-int4-b32.litertlm
     nano bench runs/export/teacher-int4-b32.litertlm --backend litert-lm --vs-gguf teacher.gguf --report out/
     nano bench t.tflite --model gemma3-270m --text heldout.txt --json
+    nano bench teacher.litertlm student.litertlm --backend litert-lm --report out/   # side by side
     nano bench m.tflite --model M --delegate /usr/lib/libedgetpu.so.1 --delegate-option device=usb:0
     """
     from rich.console import Console
 
-    from bench.run import bench
+    from bench.run import bench_many
     from export.runtime import quiet_native_teardown
     from export.settings import parse_lengths
     from nano.files import read_text
@@ -53,20 +56,24 @@ def bench_cmd(artifact, backend, threads, delegate, delegate_options, prefill_to
     err = Console(stderr=True)
     quiet_native_teardown()
     with err.status("benchmarking") as status:
-        result = bench(artifact, backend=backend, threads=threads, delegate=delegate,
-                       delegate_options=_options(delegate_options),
-                       prefill_tokens=parse_lengths(prefill_tokens), decode_tokens=decode_tokens, repeats=repeats,
-                       text=read_text(text) if text else None, model=model, vs_gguf=vs_gguf,
-                       progress=lambda message: status.update(f"benchmarking: {message}"))
+        results = bench_many(list(artifacts), backend=backend, threads=threads, delegate=delegate,
+                             delegate_options=_options(delegate_options),
+                             prefill_tokens=parse_lengths(prefill_tokens), decode_tokens=decode_tokens,
+                             repeats=repeats, text=read_text(text) if text else None, model=model, vs_gguf=vs_gguf,
+                             progress=lambda message: status.update(f"benchmarking: {message}"))
     if report_dir is not None:
         from bench.report import write_report
 
-        for path in write_report({Path(artifact).name: result}, report_dir):
+        names = [Path(a).name for a in artifacts]
+        if len(set(names)) != len(names):
+            names = [str(a) for a in artifacts]
+        for path in write_report(dict(zip(names, results)), report_dir):
             err.print(f"wrote {path}")
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2))
         return
-    Console().print(_table(result))
+    for result in results:
+        Console().print(_table(result))
 
 
 def _options(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -112,6 +119,7 @@ def _table(result: dict):
     table.add_row("bytes read per token", f"{result['decode_bytes_per_token'] / 2**20:,.1f} MiB")
     if "ppl" in result:
         table.add_row("perplexity", f"{result['ppl']:.4f} over {result['ppl_tokens']:,} tokens")
+        table.add_row("bits per byte", f"{result['bits_per_byte']:.4f}")
     if "delegated_nodes" in result:
         table.add_row("nodes on the delegate", f"{result['delegated_nodes']} of {result['nodes']}")
     row("peak memory", "peak_rss_bytes", lambda v: f"{v / 2**30:.2f} GiB")

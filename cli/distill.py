@@ -9,8 +9,7 @@ import json
 import click
 
 from cli.common import CONTEXT, Group
-from distill.settings import (DTYPES, LOSS_KINDS, REMAT, SAMPLE_MODES, SPARSE_TARGETS, DistillSettings,
-                              parse_layers)
+from distill.settings import DTYPES, LOSS_KINDS, REMAT, SAMPLE_MODES, SPARSE_TARGETS, DistillSettings
 from nano.quant_scheme import EMBEDDINGS
 
 DEFAULTS = DistillSettings()
@@ -21,6 +20,9 @@ def _data_options(f):
     run given the same ones."""
     options = [
         click.option("--teacher", default=DEFAULTS.teacher, show_default=True, help="Teacher MODEL (directory or preset)."),
+        click.option("--student", default=DEFAULTS.student, show_default=True,
+                     help="A preset (random init with the teacher's vocabulary, e.g. nano-micro) or a model directory "
+                          "to start from (e.g. `nano prune`'s); its tokenizer tokenizes the data."),
         click.option("--data", multiple=True, default=DEFAULTS.data, show_default=True,
                      help="Training text: files, directories, .jsonl (text field), .parquet, or 'stdlib' "
                           "(the default corpus). Repeat for several."),
@@ -60,24 +62,21 @@ def _distributed(coordinator, num_processes, process_id):
 
 @click.group("distill", cls=Group, invoke_without_command=True, context_settings=CONTEXT)
 @_data_options
-@click.option("--student", default=DEFAULTS.student, show_default=True,
-              help="A preset (random init, e.g. nano-micro, nano-1) or a model directory to continue from.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (required).")
 @click.option("--loss", type=click.Choice(LOSS_KINDS), default=DEFAULTS.loss, show_default=True,
               help="Forward KL, reverse KL, generalised JSD(beta), or cross-entropy alone (no teacher).")
 @click.option("--alpha", default=DEFAULTS.alpha, show_default=True, help="Weight of next-token CE mixed into the loss.")
 @click.option("--temperature", default=DEFAULTS.temperature, show_default=True)
 @click.option("--beta", default=DEFAULTS.beta, show_default=True, help="JSD's beta.")
-@click.option("--sparse-target", type=click.Choice(SPARSE_TARGETS), default=DEFAULTS.sparse_target, show_default=True,
+@click.option("--sparse-target", type=click.Choice(SPARSE_TARGETS), default=None,
               help="The teacher's k tokens renormalised over themselves (Gemma 3), or kept at their full-vocabulary "
                    "probabilities with the rest of the mass as one more outcome, so that the loss is least at the "
-                   "teacher itself (--temperature 1; for QAT and flat teachers).")
+                   "teacher itself (--temperature 1; for QAT, flat teachers and trimmed vocabularies). Default: rest "
+                   "for a student with a trimmed vocabulary, else renormalise.")
 @click.option("--teacher-cache", type=click.Path(file_okay=False),
               help="Read the teacher from a cache written by `nano distill cache-teacher` (same data options).")
 @click.option("--on-policy-fraction", default=DEFAULTS.on_policy_fraction, show_default=True,
               help="Fraction of steps that train on the student's own samples, scored by the teacher.")
-@click.option("--keep-layers", help="Initialise the student from these teacher layers, e.g. 0,2,4,6,8,11,12,14,16 "
-                                    "(the student must be as wide as the teacher).")
 @click.option("--lr", default=DEFAULTS.lr, show_default=True, help="Peak learning rate (warmup + cosine).")
 @click.option("--warmup-steps", type=int, help="Default: 5% of --steps.")
 @click.option("--mesh", help="Device mesh, e.g. data=2,fsdp=4 (default: data parallel over all devices).")
@@ -107,12 +106,13 @@ def _distributed(coordinator, num_processes, process_id):
 @click.option("--process-id", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout at the end.")
 @click.pass_context
-def distill_cmd(ctx, out, resume, distributed, coordinator, num_processes, process_id, as_json, keep_layers,
-                **kwargs):
+def distill_cmd(ctx, out, resume, distributed, coordinator, num_processes, process_id, as_json, **kwargs):
     """Distil --teacher into --student: KD with a sparse (top-k or sampled-k) teacher, sharded, resumable.
 
     \b
     nano distill --student nano-micro --data stdlib --out runs/kd --steps 200
+    nano prune gemma3-270m --vocab-size 32768 --out runs/student    # a student cut from the teacher, then healed:
+    nano distill --student runs/student --data stdlib --out runs/healed --steps 200
     nano distill cache-teacher --data stdlib --steps 200 --out runs/teacher-cache
     nano distill --teacher-cache runs/teacher-cache --data stdlib --steps 200 --out runs/kd
     nano distill --loss ce --data stdlib --steps 200 --out runs/ce      # the no-teacher baseline
@@ -130,7 +130,7 @@ def distill_cmd(ctx, out, resume, distributed, coordinator, num_processes, proce
         _distributed(coordinator, num_processes, process_id)
     from distill.run import distill
 
-    settings = _settings(keep_layers=tuple(parse_layers(keep_layers)) if keep_layers else None, **kwargs)
+    settings = _settings(**kwargs)
     report = distill(settings, out, resume=resume)
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli import bench, distill, export, model, quantize, report
+from cli import bench, distill, export, model, prune, quantize, report
 from cli.common import CONTEXT, Group
 
 
@@ -18,7 +18,7 @@ def cli():
     """
 
 
-for command in (*model.COMMANDS, *distill.COMMANDS, quantize.quantize_cmd, export.export_cmd, bench.bench_cmd,
+for command in (*model.COMMANDS, prune.prune_cmd, *distill.COMMANDS, quantize.quantize_cmd, export.export_cmd, bench.bench_cmd,
                 report.report_group):
     cli.add_command(command)
 

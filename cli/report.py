@@ -65,3 +65,31 @@ def bench_report(results: tuple[str, ...], out_dir: Path) -> None:
             raise NanoError(f"{file} is not a `nano bench --json` result ({e.msg})") from None
     for path in write_report(loaded, out_dir):
         click.echo(path)
+
+
+@report_group.command("students")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--text", "texts", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="A text to measure bits per byte on (repeatable): held-out text, and text outside the corpus.")
+@click.option("--bench", "bench_file", type=click.Path(dir_okay=False),
+              help="`nano bench --json` results of the models' artifacts, each named NAME.litertlm.")
+@out_option
+def students_report(models: tuple[str, ...], texts: tuple[str, ...], bench_file: str | None, out_dir: Path) -> None:
+    """Students beside their teacher in OUT (students.md, .json, .png): each NAME=MODEL, the first the reference
+    (the teacher). Parameters, bits per byte of each float model on each --text, and from --bench the artifacts'
+    size, prefill and decode speed.
+
+    \b
+    nano report students teacher=gemma3-270m kd=runs/kd/final --text heldout.txt --bench bench.json --out OUT
+    """
+    from bench.students import compare_students, read_bench
+
+    entries = {}
+    for item in models:
+        name, sep, model = item.partition("=")
+        if not sep or not name or not model:
+            raise NanoError(f"expected NAME=MODEL, got {item!r}")
+        entries[name] = model
+    compare_students(entries, texts=list(texts), out_dir=out_dir,
+                     bench=read_bench(bench_file) if bench_file else None)
+    click.echo((out_dir / "students.md").read_text(), nl=False)

@@ -9,11 +9,15 @@ JSON dict, so a resumed run sees exactly the batches the uninterrupted run would
 
 Packing. Each document becomes [BOS] + encode(text) + [EOS]; documents are concatenated into one stream, which is
 cut into rows of seq_len + 1 tokens that overlap by one (row r holds stream[r*S : r*S + S + 1]): inputs =
-row[:-1], targets = row[1:], so each pair of neighbouring tokens is an (input, target) pair exactly once. Only the last row is
+row[:-1], targets = row[1:], so each token after the first is a target exactly once. Only the last row is
 padded (pad_id, segment 0). Within a row, segments are numbered 1, 2, 3, ... in order and positions restart at 0
 at each segment. A document longer than what is left of a row continues in the next row as a new segment whose
-positions restart at 0 (no BOS is inserted there: BOS marks a document's true start only). weights = 1 where the
-target is the next token of the same document, 0 at padding and where an EOS is followed by the next document.
+positions restart at 0 and whose first input is BOS in place of the stream's token (weight 0 there: that target
+would be predicted from nothing of its document). Gemma reads text only after BOS: on the first held-out stdlib
+rows the embedded teacher scores 3.23 nats per token without it and 2.21 with it, so rows opening mid-document
+without BOS would teach the student the teacher's confusion, and CE would learn that regime instead of real text.
+weights = 1 where the target is the next token of the same document, 0 at padding, where an EOS is followed by the
+next document and at the first position of a continued document.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from nano.documents import SUFFIXES, Document, read_documents, split_documents
+from nano.documents import HELDOUT_FRACTION, SUFFIXES, Document, read_documents, split_documents
 from nano.errors import NanoError
 from nano.tokenizer import Tokenizer
 
@@ -45,6 +49,7 @@ class PackedRows:
     length: int  # real tokens in the stream
     seq_len: int
     pad_id: int
+    bos_id: int
 
     @property
     def rows(self) -> int:
@@ -57,19 +62,22 @@ class PackedRows:
         col = np.arange(width)
         index = np.maximum(rows, 0)[:, None] * self.seq_len + col  # [b, S + 1]
         tokens, starts = self.stream[index], self.starts[index]
-        starts[:, 0] = True  # a row always opens a segment, even mid-document
         lengths = np.where(rows < 0, 0, np.clip(self.length - rows * self.seq_len, 0, width))
         valid = col[None] < lengths[:, None]
+        continued = valid[:, 0] & ~starts[:, 0]  # rows that open mid-document
+        starts[:, 0] = True  # a row always opens a segment
         tokens = np.where(valid, tokens, self.pad_id).astype(np.int32)
+        tokens[continued, 0] = self.bos_id
         segments = (np.cumsum(starts, axis=1) * valid).astype(np.int32)
         last_start = np.maximum.accumulate(np.where(starts, col, 0), axis=1)
         positions = ((col - last_start) * valid).astype(np.int32)
         weights = (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] > 0)
+        weights[continued, 0] = False
         return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions[:, :-1],
                 "segment_ids": segments[:, :-1], "weights": weights.astype(np.float32)}
 
 
-def pack(token_lists: Sequence[Sequence[int]], *, seq_len: int, pad_id: int) -> PackedRows:
+def pack(token_lists: Sequence[Sequence[int]], *, seq_len: int, pad_id: int, bos_id: int) -> PackedRows:
     """Concatenate already delimited documents (BOS ... EOS) and lay them out as rows; see the module docstring."""
     lengths = np.array([len(t) for t in token_lists], np.int64)
     length = int(lengths.sum())
@@ -79,7 +87,7 @@ def pack(token_lists: Sequence[Sequence[int]], *, seq_len: int, pad_id: int) -> 
     if length:
         stream[:length] = np.concatenate([np.asarray(t, np.int32) for t in token_lists])
         starts[np.cumsum(lengths) - lengths] = True
-    return PackedRows(stream, starts, length, seq_len, pad_id)
+    return PackedRows(stream, starts, length, seq_len, pad_id, bos_id)
 
 
 def tokenize(docs: Sequence[Document], tokenizer: Tokenizer) -> list[np.ndarray]:
@@ -126,7 +134,8 @@ class Datasets:
         """Identifies the training batches: the token stream, seq_len, batch size and seed."""
         h = hashlib.sha256(self.train.stream)  # the contiguous array's buffer, not a copy
         h.update(np.packbits(self.train.starts).tobytes())
-        h.update(f"{self.train.length},{self.train.seq_len},{self.batch_size},{self.seed}".encode())
+        # "bos-rows": continued documents open with BOS (a cache of batches laid out before that is not these)
+        h.update(f"{self.train.length},{self.train.seq_len},{self.batch_size},{self.seed},bos-rows".encode())
         return h.hexdigest()[:16]
 
     def train_dataset(self) -> grain.MapDataset:
@@ -189,7 +198,7 @@ class TrainIterator(Iterator[dict]):
 
 
 def make_datasets(paths: Sequence[str | Path], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                  seed: int = 0, heldout_fraction: float = 0.02,
+                  seed: int = 0, heldout_fraction: float = HELDOUT_FRACTION,
                   eval_paths: Sequence[str | Path] | None = None) -> Datasets:
     """Read, split, tokenize and pack the corpus once; everything the loop needs is on the result.
 
@@ -214,10 +223,11 @@ def make_datasets(paths: Sequence[str | Path], tokenizer: Tokenizer, *, seq_len:
         where = ", ".join(map(str, paths))
         held = f" ({len(docs)} fell in the held-out split)" if docs else ""
         raise NanoError(f"no training documents in {where}{held}; a directory counts {', '.join(SUFFIXES)} files")
-    packed = pack(tokenize(train, tokenizer), seq_len=seq_len, pad_id=tokenizer.pad_id)
+    layout = {"seq_len": seq_len, "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id}
+    packed = pack(tokenize(train, tokenizer), **layout)
     if packed.rows < batch_size:
         raise NanoError(f"corpus has {packed.rows} rows of {seq_len} tokens, fewer than one batch of {batch_size}")
-    held = pack(tokenize(heldout, tokenizer), seq_len=seq_len, pad_id=tokenizer.pad_id) if heldout else None
+    held = pack(tokenize(heldout, tokenizer), **layout) if heldout else None
     stats = DataStats(documents=len(train), tokens=packed.length, rows=packed.rows,
                       heldout_documents=len(heldout), heldout_tokens=held.length if held else 0,
                       heldout_rows=held.rows if held else 0, skipped_bytes=skipped)

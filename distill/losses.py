@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from distill.settings import LOSS_KINDS as KINDS  # one list, kept where the JAX-free command line reads it
+from nano.scoring import kl, nll
 
 _NEG = -1e30  # a finite "minus infinity" for log-probs: exp gives exactly 0, differences and gradients stay finite
 
@@ -59,14 +60,20 @@ class SparseTeacher:
 
 
 def sparse_from_logits(teacher_logits: jax.Array, k: int = 256, *, mode: str = "sample",
-                       key: jax.Array | None = None) -> SparseTeacher:
+                       key: jax.Array | None = None, id_map: jax.Array | None = None) -> SparseTeacher:
     """The k largest teacher tokens (mode "top") or k drawn by teacher probability without replacement (mode
     "sample", the Gumbel-top-k trick: the k largest of log p + Gumbel noise; ids come in draw order, the first
-    being an ordinary sample). Needs `key` for sampling. Zero-probability ids are drawn last, with log-prob -inf."""
+    being an ordinary sample). Needs `key` for sampling. Zero-probability ids are drawn last, with log-prob -inf.
+
+    `id_map` [V] (teacher id → student id, −1 where the student's trimmed vocabulary dropped the piece) makes the
+    teacher one over the student's pieces: the k are drawn among them, given as student ids, and their log-probs
+    are normalised over them (the teacher's distribution restricted to what the student can say; its mass on the
+    dropped pieces is not something the student could match)."""
     vocab = teacher_logits.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be between 1 and the vocabulary size {vocab}, got {k}")
-    logits = teacher_logits.astype(jnp.float32)
+    ids = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), teacher_logits.shape)
+    logits, ids = _over_student_pieces(teacher_logits.astype(jnp.float32), ids, id_map)
     # Ranking needs no normalisation (log p = logits − lse, lse constant per position): one pass for lse, and
     # only the k chosen ids are normalised.
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
@@ -78,20 +85,36 @@ def sparse_from_logits(teacher_logits: jax.Array, k: int = 256, *, mode: str = "
         scores = logits + _gumbel(key, logits.shape)
     else:
         raise ValueError(f"mode must be 'sample' or 'top', got {mode!r}")
-    _, ids = jax.lax.top_k(scores, k)
-    return SparseTeacher(ids=ids.astype(jnp.int32), logprobs=jnp.take_along_axis(logits, ids, axis=-1) - lse)
+    best, pick = jax.lax.top_k(scores, k)
+    logprobs = jnp.take_along_axis(logits, pick, axis=-1) - lse
+    return SparseTeacher(ids=jnp.take_along_axis(ids, pick, axis=-1), logprobs=_drop_excluded(logprobs, best))
+
+
+def _over_student_pieces(logits, ids, id_map):
+    """(the teacher's logits with the pieces outside the student's vocabulary at -inf, ids as student ids)."""
+    if id_map is None:
+        return logits, ids
+    student = jnp.take(jnp.asarray(id_map, jnp.int32), ids)
+    return jnp.where(student >= 0, logits, -jnp.inf), jnp.maximum(student, 0)
+
+
+def _drop_excluded(logprobs, best):
+    """An id reached only because k exceeds the ids allowed (score -inf) gets log-prob -inf: the losses skip it."""
+    return jnp.where(best == -jnp.inf, -jnp.inf, logprobs)
 
 
 def sparse_from_hidden(hidden: jax.Array, head_fn, embedding, k: int = 256, *, mode: str = "sample",
-                       key: jax.Array | None = None, vocab_chunk: int = 16384) -> SparseTeacher:
+                       key: jax.Array | None = None, vocab_chunk: int = 16384,
+                       id_map: jax.Array | None = None) -> SparseTeacher:
     """`sparse_from_logits(head_fn(hidden, embedding), ...)` without the [B, T, V] logits (34 GB for 8 × 1024
     tokens of a 262k vocabulary in float32, four times over in the sampling): the vocabulary in chunks, a running
     logsumexp, and the k best scores so far merged with each chunk's (the top k of a union are the top k of the
     parts' top k; earlier chunks win ties, as lower ids do in one top_k). `head_fn(hidden, rows)` gives the logits
-    of vocabulary rows (e.g. `model.head`); `embedding` may be a QuantizedWeight. Memory: [B, T, k + vocab_chunk]."""
+    of vocabulary rows (e.g. `model.head`); `embedding` may be a QuantizedWeight. Memory: [B, T, k + vocab_chunk].
+    `id_map` as in `sparse_from_logits`."""
     vocab = embedding.shape[0]
     if vocab % vocab_chunk or vocab_chunk <= k:
-        return sparse_from_logits(head_fn(hidden, embedding), k, mode=mode, key=key)
+        return sparse_from_logits(head_fn(hidden, embedding), k, mode=mode, key=key, id_map=id_map)
     if mode not in ("sample", "top"):
         raise ValueError(f"mode must be 'sample' or 'top', got {mode!r}")
     if mode == "sample" and key is None:
@@ -104,19 +127,20 @@ def sparse_from_hidden(hidden: jax.Array, head_fn, embedding, k: int = 256, *, m
     def step(carry, start):
         high, total, best, best_ids, best_logits = carry
         rows = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, vocab_chunk, axis=0), embedding)
-        logits = head_fn(hidden, rows).astype(jnp.float32)
+        ids = jnp.broadcast_to(start + jnp.arange(vocab_chunk, dtype=jnp.int32), (*lead, vocab_chunk))
+        logits, ids = _over_student_pieces(head_fn(hidden, rows).astype(jnp.float32), ids, id_map)
         new_high = jnp.maximum(high, logits.max(axis=-1, keepdims=True))
-        total = total * jnp.exp(high - new_high) + jnp.exp(logits - new_high).sum(axis=-1, keepdims=True)
+        shift = jnp.where(jnp.isfinite(new_high), new_high, 0.0)  # a chunk of dropped pieces only: nothing to add
+        total = total * jnp.exp(high - shift) + jnp.exp(logits - shift).sum(axis=-1, keepdims=True)
         scores = logits if mode == "top" else logits + _gumbel(key, logits.shape, start)
-        ids = jnp.broadcast_to(start + jnp.arange(vocab_chunk, dtype=jnp.int32), logits.shape)
         best, pick = jax.lax.top_k(jnp.concatenate([best, scores], axis=-1), k)
         best_ids = jnp.take_along_axis(jnp.concatenate([best_ids, ids], axis=-1), pick, axis=-1)
         best_logits = jnp.take_along_axis(jnp.concatenate([best_logits, logits], axis=-1), pick, axis=-1)
         return (new_high, total, best, best_ids, best_logits), None
 
     starts = jnp.arange(vocab // vocab_chunk, dtype=jnp.int32) * vocab_chunk
-    (high, total, _, ids, logits), _ = jax.lax.scan(step, carry, starts)
-    return SparseTeacher(ids=ids, logprobs=logits - (high + jnp.log(total)))
+    (high, total, best, ids, logits), _ = jax.lax.scan(step, carry, starts)
+    return SparseTeacher(ids=ids, logprobs=_drop_excluded(logits - (high + jnp.log(total)), best))
 
 
 def _hash32(x: jax.Array) -> jax.Array:
@@ -139,21 +163,16 @@ def _gumbel(key: jax.Array, shape: tuple[int, ...], start: jax.Array | int = 0) 
     return (-jnp.log(-jnp.log(u))).reshape(shape)
 
 
-def _kl(logp: jax.Array, logq: jax.Array) -> jax.Array:
-    """Σ p (log p − log q) over the last axis; entries with log p at the _NEG floor contribute 0."""
-    return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
-
-
 def divergence(logp: jax.Array, logq: jax.Array, *, kind: str, beta: float = 0.5) -> jax.Array:
     """The divergence of teacher P from student Q (kind "fkl", "rkl" or "jsd"), from log-probs normalised over the
     same last axis, per position and unscaled (no τ²). Use _NEG rather than -inf for zero probabilities."""
     if kind == "fkl":
-        return _kl(logp, logq)
+        return kl(logp, logq)
     if kind == "rkl":
-        return _kl(logq, logp)
+        return kl(logq, logp)
     if kind == "jsd":
         logm = jnp.logaddexp(math.log(beta) + logp, math.log1p(-beta) + logq)  # log(βP + (1 − β)Q)
-        return beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
+        return beta * kl(logp, logm) + (1.0 - beta) * kl(logq, logm)
     raise ValueError(f"kind must be 'fkl', 'rkl' or 'jsd', got {kind!r}")
 
 
@@ -197,7 +216,7 @@ def _sparse_kd(student_at_ids, student_lse, teacher: SparseTeacher, *, kind, tem
         return divergence(_with_rest(logp), _with_rest(logq), kind=kind, beta=beta)
     logp = sparse_logprobs(teacher, temperature)
     if kind == "fkl":  # against the student's full-vocabulary distribution
-        return _kl(logp, student_logprobs)
+        return kl(logp, student_logprobs)
     logq = jax.nn.log_softmax(jnp.where(valid, scaled, _NEG), axis=-1)  # the student restricted to the k ids
     return divergence(logp, logq, kind=kind, beta=beta)
 
@@ -270,8 +289,7 @@ def distill_loss(student_logits: jax.Array, targets: jax.Array, weights: jax.Arr
     sparse teacher's other tokens as one more outcome (see the module's docstring)."""
     _check(kind, alpha, temperature, beta, teacher, rest)
     logits = student_logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    ce = jax.nn.logsumexp(logits, axis=-1) - picked
+    ce = nll(logits, targets)
     if kind == "ce":
         return _combine(ce, None, None, weights, kind=kind, alpha=alpha, temperature=temperature)
     kd = kd_per_token(logits, teacher, kind=kind, temperature=temperature, beta=beta, rest=rest)

@@ -147,7 +147,9 @@ def compare_runs(runs: dict[str, str | Path], out_dir: str | Path) -> dict:
                       "heldout_ppl": final["heldout_ppl"], "heldout_nll": final.get("heldout_nll"),
                       "teacher_student_top1": final.get("teacher_student_top1"),
                       "kl_teacher_student": final.get("kl_teacher_student"),
-                      "text_ppl": dict(report.get("text_ppl") or {})}
+                      "heldout_bits_per_byte": final.get("bits_per_byte"),
+                      "text_ppl": dict(report.get("text_ppl") or {}),
+                      "text_bits_per_byte": dict(report.get("text_bits_per_byte") or {})}
     ce_run = next((n for n, r in rows.items() if r["loss_kind"] == "ce"), None)
     summary = []
     if ce_run is not None:
@@ -162,6 +164,10 @@ def compare_runs(runs: dict[str, str | Path], out_dir: str | Path) -> dict:
                   else f"at {row['tokens_seen']:,} vs {ce['tokens_seen']:,} tokens")
             summary.append(f"KD vs CE: held-out perplexity {_percent(row['heldout_ppl_change_vs_ce'])} {at} "
                            f"— {name} ({row['loss_kind']}) vs {ce_run} (ce)")
+            if row["heldout_bits_per_byte"] and ce["heldout_bits_per_byte"]:
+                row["heldout_bits_per_byte_change_vs_ce"] = row["heldout_bits_per_byte"] / ce["heldout_bits_per_byte"] - 1
+                summary.append(f"KD vs CE: held-out bits per byte {_percent(row['heldout_bits_per_byte_change_vs_ce'])}"
+                               f" — {name} vs {ce_run}")
     comparison = {"runs": rows, "ce_run": ce_run, "summary": summary}
     write_text(out_dir / "comparison.json", json.dumps(comparison, indent=2) + "\n")
     write_text(out_dir / "comparison.md", _markdown(rows, summary))
@@ -171,12 +177,13 @@ def compare_runs(runs: dict[str, str | Path], out_dir: str | Path) -> dict:
 
 def _markdown(rows: dict, summary: list[str]) -> str:
     texts = sorted({t for r in rows.values() for t in r["text_ppl"]})
-    header = ["run", "loss", "tokens", "held-out ppl", *(f"ppl {t}" for t in texts), "top-1 agreement",
-              "KL(teacher‖student)"]
+    header = ["run", "loss", "tokens", "held-out ppl", "held-out bits/byte", *(f"ppl {t}" for t in texts),
+              *(f"bits/byte {t}" for t in texts), "top-1 agreement", "KL(teacher‖student)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in rows.items():
         cells = [name, r["loss_kind"], f"{r['tokens_seen']:,}", f"{r['heldout_ppl']:.3f}",
-                 *(_cell(r["text_ppl"].get(t), ".3f") for t in texts),
+                 _cell(r.get("heldout_bits_per_byte"), ".4f"), *(_cell(r["text_ppl"].get(t), ".3f") for t in texts),
+                 *(_cell(r.get("text_bits_per_byte", {}).get(t), ".4f") for t in texts),
                  _cell(r["teacher_student_top1"], ".3f"), _cell(r["kl_teacher_student"], ".4f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + [""] + summary) + "\n"

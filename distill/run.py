@@ -8,15 +8,18 @@
     RUN/final-SCHEME/   with --qat: the student quantized to the scheme it trained for (RTN onto the same grid)
     RUN/loss_curve.png, RUN/report.json
 
-What a run needs is built once, in a `RunContext`: the device mesh, the teacher laid out on it, the tokenizer, the
-tokenized data, the online teacher that scores batches. `nano distill` and `nano distill cache-teacher` both start
-from one.
+What a run needs is built once, in a `RunContext`: the device mesh, the teacher laid out on it, the student's start
+and tokenizer, the data tokenized with it, the online teacher that scores batches. `nano distill` and `nano distill
+cache-teacher` both start from one. A student whose vocabulary is a trimmed subset of the teacher's (`nano prune
+--vocab-size`) is trained on its own tokenization; the teacher reads the same tokens as its own ids and is
+compared over the student's pieces, its mass on the pieces the student lacks being one more outcome (the "rest").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import statistics
 import time
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -39,7 +43,7 @@ from distill.step import OptimConfig, fake_quantizer, model_graphdef
 from distill.teacher import OnlineTeacher, make_loss, random_teacher
 from distill.teacher_cache import CachedTeacher, cache_teacher, held_steps
 from nano.checkpoint import TOKENIZER_FILE, flat_params, model_from_flat, param_shapes, save_model, save_model_dir
-from nano.config import GEMMA3_270M
+from nano.config import GEMMA3_270M, ModelConfig
 from nano.errors import NanoError
 from nano.evaluate import Evaluator
 from nano.files import read_text
@@ -62,7 +66,10 @@ class RunContext:
     settings: DistillSettings
     mesh: Mesh
     teacher: Decoder  # laid out on the mesh by the partition rules: scoring and evaluation share this one copy
-    tokenizer: Tokenizer
+    student: ModelConfig
+    student_params: dict | None  # the student's start (None: random initialisation)
+    tokenizer: Tokenizer  # the student's, which the data is tokenized with
+    teacher_ids: np.ndarray | None  # each student id as the teacher's; None when they share one vocabulary
     datasets: Datasets
 
     @classmethod
@@ -71,26 +78,41 @@ class RunContext:
         mesh = make_mesh(settings.mesh)
         verb = "initialising" if settings.random_teacher else "loading"
         with status(f"{verb} the teacher {settings.teacher}"):
-            teacher, tokenizer = _load_teacher(settings, mesh)
+            teacher, teacher_tokenizer = _load_teacher(settings, mesh)
+        with status(f"loading the student {settings.student}"):
+            student, params, tokenizer = student_start(settings.student, teacher_tokenizer)
+        teacher_ids = None if tokenizer.proto == teacher_tokenizer.proto else tokenizer.ids_in(teacher_tokenizer)
+        if teacher_ids is not None and _sparse_target(settings, True) == "rest" and settings.temperature != 1.0:
+            raise NanoError("a trimmed-vocabulary student learns the teacher's full-vocabulary probabilities (the rest "
+                            f"form), known at --temperature 1 only (got {settings.temperature})")
         with status("reading and tokenizing the corpus"):
             datasets = make_datasets(settings.data, tokenizer, seq_len=settings.seq_len,
                                      batch_size=settings.batch_size, seed=settings.seed,
                                      eval_paths=settings.eval_data or None)
         console.print(f"data: {datasets.stats.summary()}")
-        return cls(settings, mesh, teacher, tokenizer, datasets)
+        return cls(settings, mesh, teacher, student, params, tokenizer, teacher_ids, datasets)
+
+    @property
+    def sparse_target(self) -> str:
+        return _sparse_target(self.settings, self.teacher_ids is not None)
 
     @functools.cached_property
     def online_teacher(self) -> OnlineTeacher:
         s = self.settings
         return OnlineTeacher(self.teacher, k=s.top_k, mode=s.sample_mode, seed=s.seed, mesh=self.mesh,
-                             vocab_chunk=s.vocab_chunk)
+                             vocab_chunk=s.vocab_chunk, student_ids=self.teacher_ids)
 
     @property
     def teacher_meta(self) -> dict:
-        """What a teacher cache must have been made with for this run to read it."""
+        """What a teacher cache must have been made with for this run to read it: the teacher, how its k tokens
+        were drawn, and the vocabulary they were drawn from (the student's)."""
         s = self.settings
         return {"teacher": self.teacher.config.hash, "k": s.top_k, "mode": s.sample_mode, "seed": s.seed,
-                "dtype": s.teacher_dtype}
+                "dtype": s.teacher_dtype, "vocab": hashlib.sha256(self.tokenizer.proto).hexdigest()[:16]}
+
+
+def _sparse_target(settings: DistillSettings, trimmed: bool) -> str:
+    return settings.sparse_target or ("rest" if trimmed else "renormalise")
 
 
 def _load_teacher(settings: DistillSettings, mesh: Mesh):
@@ -132,19 +154,15 @@ def _check_run_dir(run_dir: Path, settings: DistillSettings, resume: bool) -> No
         raise NanoError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
 
 
-def _prepare_fn(ctx: RunContext, config):
+def _prepare_fn(ctx: RunContext):
     """The loop's prepare(batch, step, params): on-policy samples, then the teacher's sparse distribution."""
     s = ctx.settings
     if s.loss == "ce":
         return None
     scorer = ctx.online_teacher
     if s.teacher_cache:
-        scorer = CachedTeacher(s.teacher_cache, datasets=ctx.datasets, grad_accum=s.grad_accum, k=s.top_k)
-        differ = [k for k, v in ctx.teacher_meta.items() if scorer.manifest.get("meta", {}).get(k) != v]
-        if differ:
-            raise NanoError(f"the teacher cache {s.teacher_cache} was made with other teacher settings "
-                            f"({', '.join(differ)} differ); re-run `nano distill cache-teacher` with this run's "
-                            "settings")
+        scorer = CachedTeacher(s.teacher_cache, datasets=ctx.datasets, grad_accum=s.grad_accum, k=s.top_k,
+                               meta=ctx.teacher_meta)
         missing = sorted(set(range(s.steps)) - set(held_steps(s.teacher_cache)))
         if missing:  # found now rather than after hours of training
             raise NanoError(f"the teacher cache {s.teacher_cache} lacks {len(missing)} of this run's {s.steps} steps "
@@ -154,7 +172,7 @@ def _prepare_fn(ctx: RunContext, config):
     if s.on_policy_fraction > 0:
         from distill.onpolicy import OnPolicy
 
-        on_policy = OnPolicy(model_graphdef(config), config, fraction=s.on_policy_fraction, seed=s.seed)
+        on_policy = OnPolicy(model_graphdef(ctx.student), ctx.student, fraction=s.on_policy_fraction, seed=s.seed)
 
     def prepare(batch, step, params):
         if on_policy is not None and on_policy.is_on_policy(step):
@@ -164,9 +182,9 @@ def _prepare_fn(ctx: RunContext, config):
     return prepare
 
 
-def _job(ctx: RunContext, config, init) -> TrainJob:
+def _job(ctx: RunContext) -> TrainJob:
     """The training job of this run: the student, its loss and schedule, the teacher's part, the evaluation."""
-    s = ctx.settings
+    s, config = ctx.settings, ctx.student
     with status("measuring this machine's peak matmul FLOP/s"):
         peak = measure_peak_flops(getattr(jnp, s.compute_dtype))
     flops = train_flops_per_token(config, s.seq_len)
@@ -178,13 +196,14 @@ def _job(ctx: RunContext, config, init) -> TrainJob:
                       compute_dtype=s.compute_dtype, remat=s.remat, eval_every=s.eval_every,
                       optim=OptimConfig(lr=s.lr, warmup_steps=warmup, total_steps=s.steps))
     loss = make_loss(kind=s.loss, alpha=s.alpha, temperature=s.temperature, beta=s.beta, vocab_chunk=s.vocab_chunk,
-                     rest=s.sparse_target == "rest")
+                     rest=ctx.sparse_target == "rest")
     qat = _qat_specs(s, config)
     evaluator = Evaluator(ctx.datasets.heldout_batches(max_batches=s.eval_batches), teacher_model=ctx.teacher,
-                          token_bytes=ctx.tokenizer.token_bytes)
+                          token_bytes=ctx.tokenizer.token_bytes, teacher_ids=ctx.teacher_ids)
+    init = ctx.student_params
     return TrainJob(config, ctx.datasets, loss, loop, mesh=ctx.mesh,
                     init_params=None if init is None else params_state(config, init),
-                    prepare=_prepare_fn(ctx, config), evaluate=evaluator,
+                    prepare=_prepare_fn(ctx), evaluate=evaluator,
                     param_transform=qat and fake_quantizer(qat), flops_per_token=flops, peak_flops=peak)
 
 
@@ -198,9 +217,7 @@ def distill(settings: DistillSettings, run_dir: str | Path, *, resume: bool = Fa
     _check_run_dir(run_dir, settings, resume)
     started = time.perf_counter()
     ctx = RunContext.build(settings)
-    config, init = student_start(settings.student, ctx.teacher.config, teacher=ctx.teacher,
-                                 keep_layers=list(settings.keep_layers) if settings.keep_layers else None)
-    job = _job(ctx, config, init)
+    job = _job(ctx)
     # Only now, with every input checked, does the run directory appear.
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_FILE).write_text(settings.to_json())
@@ -215,7 +232,7 @@ def distill(settings: DistillSettings, run_dir: str | Path, *, resume: bool = Fa
     for path in settings.eval_text:
         with status(f"perplexity on {path}"):
             texts[Path(path).name] = perplexity(student, ctx.tokenizer, read_text(path), window=settings.seq_len)
-    report = _report(run_dir, ctx, config, job, texts, time.perf_counter() - started)
+    report = _report(run_dir, ctx, job, texts, time.perf_counter() - started)
     (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     plot_run(run_dir)
     return report
@@ -238,12 +255,13 @@ def _save_quantized(student, tokenizer, settings: DistillSettings, out: Path, ex
     return model_from_flat(student.config, params)
 
 
-def _report(run_dir: Path, ctx: RunContext, config, job: TrainJob, texts: dict, seconds: float) -> dict:
-    settings = ctx.settings
+def _report(run_dir: Path, ctx: RunContext, job: TrainJob, texts: dict, seconds: float) -> dict:
+    settings, config = ctx.settings, ctx.student
     lines, evals = read_jsonl(run_dir / METRICS_FILE), read_jsonl(run_dir / EVAL_FILE)
     steady = lines[1:] or lines  # the first step includes compilation
     return {
         "run": run_dir.name, "loss_kind": settings.loss, "settings": dataclasses.asdict(settings),
+        "sparse_target": ctx.sparse_target if settings.loss != "ce" else None,
         "student": {"config": config.to_dict(), "parameters": config.param_count, "hash": config.hash},
         "data": dataclasses.asdict(ctx.datasets.stats),
         "steps": lines[-1]["step"], "tokens_seen": lines[-1]["tokens_seen"],

@@ -20,18 +20,6 @@ DTYPES = ("float32", "bfloat16")
 RUN_FILE, METRICS_FILE, EVAL_FILE, REPORT_FILE, FINAL_DIR = "run.json", "metrics.jsonl", "eval.jsonl", "report.json", "final"
 
 
-def parse_layers(text: str) -> list[int]:
-    """'0,2,4-7' → [0, 2, 4, 5, 6, 7]."""
-    layers = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            layers.extend(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise NanoError(f"--keep-layers takes layer indices like 0,2,4-7, got {text!r}") from None
-    return layers
-
-
 
 def qat_scheme(name: str) -> QuantScheme:
     """The int4 scheme --qat trains for ('int4-b32', 'int4-channel'): the schemes `nano quantize` writes."""
@@ -57,10 +45,11 @@ class DistillSettings:
     beta: float = 0.5
     top_k: int = 256
     sample_mode: str = "sample"  # the k teacher ids: "sample" (by teacher probability) or "top"
-    sparse_target: str = "renormalise"  # the teacher over its k ids ("renormalise"), or k ids + the rest ("rest")
+    # The teacher over its k ids ("renormalise"), or k ids + the rest ("rest"); None: "rest" for a student whose
+    # vocabulary is trimmed (the teacher's mass on the pieces it lacks is part of the rest), else "renormalise".
+    sparse_target: str | None = None
     teacher_cache: str | None = None
     on_policy_fraction: float = 0.0
-    keep_layers: tuple[int, ...] | None = None
     steps: int = 200
     batch_size: int = 8
     seq_len: int = 256
@@ -95,7 +84,7 @@ class DistillSettings:
                             "positive")
         if self.sample_mode not in SAMPLE_MODES:
             raise NanoError(f"--sample-mode must be one of {', '.join(SAMPLE_MODES)}, got {self.sample_mode!r}")
-        if self.sparse_target not in SPARSE_TARGETS:
+        if self.sparse_target is not None and self.sparse_target not in SPARSE_TARGETS:
             raise NanoError(f"--sparse-target must be one of {', '.join(SPARSE_TARGETS)}, got {self.sparse_target!r}")
         if self.sparse_target == "rest" and self.temperature != 1.0:
             raise NanoError("--sparse-target rest compares full-vocabulary probabilities, which the teacher gives at "

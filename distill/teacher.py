@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -33,19 +34,29 @@ def random_teacher(config: ModelConfig, *, dtype, mesh: Mesh, seed: int = 0) -> 
 
 class OnlineTeacher:
     def __init__(self, teacher: Decoder, *, k: int = 256, mode: str = "sample", seed: int = 0, mesh: Mesh | None = None,
-                 vocab_chunk: int = 16384):
+                 vocab_chunk: int = 16384, student_ids: np.ndarray | None = None):
         """With a `mesh`, the teacher's weights are sharded by the partition rules like the student's, and each
         device scores its own share of the batch. The vocabulary is walked in `vocab_chunk` rows: the teacher's
-        [batch, seq, vocab] logits never exist."""
+        [batch, seq, vocab] logits never exist.
+
+        `student_ids` [student vocab] (each student id's teacher id, `Tokenizer.ids_in`) is for a student with a
+        trimmed vocabulary: the batch's student tokens are read by the teacher as its own ids, and the k ids are
+        drawn among the student's pieces and given as student ids (see distill.losses.sparse_from_logits)."""
         graphdef, self.state = nnx.split(teacher)
         self.key = jax.random.PRNGKey(seed)
+        to_teacher, id_map = None, None
+        if student_ids is not None:
+            to_teacher = jnp.asarray(student_ids, jnp.int32)
+            id_map = np.full(teacher.config.vocab_size, -1, np.int32)
+            id_map[np.asarray(student_ids)] = np.arange(len(student_ids), dtype=np.int32)
+            id_map = jnp.asarray(id_map)
 
         def score(state, batch, key):
             model = nnx.merge(graphdef, state)
-            hidden, _ = model(batch["tokens"], batch["positions"], segment_ids=batch["segment_ids"],
-                              return_hidden=True)
+            tokens = batch["tokens"] if to_teacher is None else jnp.take(to_teacher, batch["tokens"])
+            hidden, _ = model(tokens, batch["positions"], segment_ids=batch["segment_ids"], return_hidden=True)
             sparse = sparse_from_hidden(hidden, model.head, model.embedder.embedding.get_value(), k, mode=mode,
-                                        key=key, vocab_chunk=vocab_chunk)
+                                        key=key, vocab_chunk=vocab_chunk, id_map=id_map)
             return sparse.ids, sparse.logprobs
 
         score = jax.vmap(score, in_axes=(None, 0, 0))  # over the accumulation axis

@@ -143,12 +143,23 @@ def _save_npz(path: Path, arrays: dict) -> None:
 class CachedTeacher:
     """`teacher(batch, step)` from a cache built by `cache_teacher` for the same data and grad_accum."""
 
-    def __init__(self, cache_dir: str | Path, *, datasets, grad_accum: int = 1, k: int | None = None):
+    def __init__(self, cache_dir: str | Path, *, datasets, grad_accum: int = 1, k: int | None = None,
+                 meta: dict | None = None):
+        """`meta`: what the run's teacher settings would write (cache_teacher's `meta`); a cache made with others
+        is refused, a vocabulary other than the student's first and by name."""
         self.dir = Path(cache_dir)
         manifest = _read_manifest(self.dir)
         if manifest is None:
             raise NanoError(f"no teacher cache at {self.dir} (no {MANIFEST}); build it with "
                             "`nano distill cache-teacher`")
+        made = manifest.get("meta", {})
+        if meta and made.get("vocab") != meta.get("vocab"):
+            raise NanoError(f"the teacher cache {self.dir} was made for another vocabulary than this student's; "
+                            "make one with `nano distill cache-teacher --student` this run's student")
+        differ = [key for key, value in (meta or {}).items() if made.get(key) != value]
+        if differ:
+            raise NanoError(f"the teacher cache {self.dir} was made with other teacher settings ({', '.join(differ)} "
+                            "differ); re-run `nano distill cache-teacher` with this run's settings")
         run = {"data_fingerprint": datasets.fingerprint, "batch_size": datasets.batch_size,
                "seq_len": datasets.train.seq_len, "grad_accum": grad_accum, "k": k}
         diff = [f"{f} (cache {manifest.get(f)}, run {run[f]})" for f in (*_DATA_FIELDS, "k")

@@ -90,17 +90,21 @@ def save_model(model: Decoder, tokenizer: Tokenizer, out: str | Path, **kwargs) 
 
 
 def save_model_dir(config: ModelConfig, params: dict[str, np.ndarray], tokenizer: Tokenizer, out: str | Path, *,
-                   overwrite: bool = False, extra: dict[str, str] | None = None, quant_info: dict | None = None) -> Path:
-    """Write a model directory atomically. `extra` maps file names to text written beside config.json; a model
-    with quantized weights also gets quant.json, holding `quant_info` (method, settings, report)."""
+                   overwrite: bool = False, extra: dict[str, str | bytes] | None = None,
+                   quant_info: dict | None = None) -> Path:
+    """Write a model directory atomically. `extra` maps file names to text (or bytes) written beside config.json;
+    a model with quantized weights also gets quant.json, holding `quant_info` (method, settings, report)."""
     if tokenizer.vocab_size != config.vocab_size:
         raise NanoError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model {config.vocab_size}")
     check_params(config, params)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
         tokenizer.save(tmp / TOKENIZER_FILE)
-        for name, text in (extra or {}).items():
-            (tmp / name).write_text(text)
+        for name, content in (extra or {}).items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
         stored, tensors = to_stored(params)
         if tensors:
             (tmp / QUANT_FILE).write_text(quant_json(config, tensors, quant_info))

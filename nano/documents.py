@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from nano.errors import NanoError
 
 STDLIB = "stdlib"
 SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")
+HELDOUT_FRACTION = 0.02  # of the documents, by a stable hash of each one's key, where the source fixes no split
+NON_TEXT_LIMIT = 0.05  # a larger fraction of undecodable bytes and control characters is not text
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # C0 controls and DEL, whitespace excepted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,3 +142,21 @@ def split_documents(docs: list[Document], heldout_fraction: float) -> tuple[list
 
     flags = [heldout(d) for d in docs]
     return [d for d, h in zip(docs, flags) if not h], [d for d, h in zip(docs, flags) if h]
+
+
+def training_texts(paths: Sequence[str | Path], *, what: str) -> list[str]:
+    """The texts of the documents under `paths` that a training run would train on (their held-out split left
+    out, as `nano distill` splits it), refused in one line when there are none or when they are not text: more
+    than NON_TEXT_LIMIT of their bytes undecodable or control characters (a binary file, random bytes)."""
+    docs, skipped = read_documents(paths)
+    train, _ = split_documents(docs, HELDOUT_FRACTION)
+    where = ", ".join(map(str, paths))
+    if not train:
+        raise NanoError(f"{what} {where} holds no text to read (empty, or every document held out)")
+    texts = [d.text for d in train]
+    size = sum(len(t.encode("utf-8")) for t in texts) + skipped
+    control = sum(len(_CONTROL.findall(t)) for t in texts)
+    if (skipped + control) / size > NON_TEXT_LIMIT:
+        raise NanoError(f"{what} {where} is not text: {(skipped + control) / size:.0%} of its bytes are not UTF-8 "
+                        "text (a binary file?)")
+    return texts

@@ -28,6 +28,18 @@ def tiny_model_dir(tmp_path_factory, tiny_model, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small training corpus for `nano distill` / `nano prune` runs on `tiny`: train.txt and heldout.txt."""
+    from hf_tiny import training_text
+
+    root = tmp_path_factory.mktemp("corpus")
+    lines = training_text(lines=900)
+    (root / "train.txt").write_text("\n".join(lines[:800]))
+    (root / "heldout.txt").write_text("\n".join(lines[800:]))
+    return root
+
+
+@pytest.fixture(scope="session")
 def teacher_dir():
     """The embedded default teacher (imported from its PyPI package once, then cached under $NANO_CACHE)."""
     from nano.resolve import embedded_teacher_dir

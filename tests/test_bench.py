@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bench.run import bench
+from bench.run import bench, bench_many
 from export.run import export
 from export.settings import ExportSettings
 from cli.main import cli
@@ -47,8 +47,31 @@ def test_bench_json_and_perplexity_match_nano_perplexity(artifact, tiny_model, t
     assert out.exit_code == 0, out.output
     result = json.loads(out.output[out.output.index("{"):])
     assert {"prefill_tokens_per_s", "decode_tokens_per_s", "ppl", "time_to_first_token_s", "load_s"} <= set(result)
-    want = perplexity(tiny_model, tiny_tokenizer, text, window=result["ppl_window"]).ppl
-    assert result["ppl"] == pytest.approx(want, rel=1e-4)
+    want = perplexity(tiny_model, tiny_tokenizer, text, window=result["ppl_window"])
+    assert result["ppl"] == pytest.approx(want.ppl, rel=1e-4)
+    assert result["bits_per_byte"] == pytest.approx(want.bits_per_byte, rel=1e-4)
+
+
+def test_several_artifacts_alternate_and_report_together(artifact, tmp_path):
+    """Two artifacts in one run: each timed once per round, each with its own result, one report for both."""
+    import shutil
+
+    twin = tmp_path / "twin.litertlm"
+    shutil.copy(artifact, twin)
+    heard = []
+    results = bench_many([artifact, twin], threads=2, prefill_tokens=(4,), decode_tokens=4, repeats=2,
+                         progress=heard.append)
+    assert [r["artifact"] for r in results] == [str(artifact), str(twin)]
+    rounds = [m for m in heard if m.startswith("run ")]
+    assert rounds == ["run 1/2: tiny.litertlm (litert)", "run 1/2: twin.litertlm (litert)",
+                      "run 2/2: tiny.litertlm (litert)", "run 2/2: twin.litertlm (litert)"]
+    out = CliRunner().invoke(cli, ["bench", str(artifact), str(twin), "--prefill-tokens", "4", "--decode-tokens",
+                                   "4", "--repeats", "1", "--json", "--report", str(tmp_path / "report")])
+    assert out.exit_code == 0, out.output
+    listed = json.loads(out.output[out.output.index("["):])
+    assert len(listed) == 2 and all(r["decode_tokens_per_s"] > 0 for r in listed)
+    table = (tmp_path / "report" / "bench.md").read_text()
+    assert "| tiny.litertlm |" in table and "| twin.litertlm |" in table
 
 
 @pytest.mark.parametrize("kwargs, message", [

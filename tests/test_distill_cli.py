@@ -1,5 +1,5 @@
 """`nano distill` end to end on `tiny` (a tiny teacher directory, the `tiny` student preset): the run directory's
-contents, the cache-teacher round trip through the CLI, on-policy steps, layer-subset initialisation, and refusals.
+contents, the cache-teacher round trip through the CLI, on-policy steps, and refusals.
 """
 
 from __future__ import annotations
@@ -11,28 +11,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from distill.init import student_start
 from distill.losses import KINDS
-from distill.settings import LOSS_KINDS, parse_layers
-from hf_tiny import training_text
+from distill.settings import LOSS_KINDS
 from nano.checkpoint import flat_params, load_model_dir
 from cli.main import cli
 from nano.config import TINY
-from nano.errors import NanoError
 
 pytestmark = pytest.mark.slow  # exports, engines, imports or training runs: `make check` skips them
 
 COMMON = ("--student", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--top-k", "8",
           "--eval-batches", "1", "--checkpoint-every", "2")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    lines = training_text(lines=900)
-    (root / "train.txt").write_text("\n".join(lines[:800]))
-    (root / "heldout.txt").write_text("\n".join(lines[800:]))
-    return root
 
 
 def nano(*args, ok: bool = True):
@@ -84,7 +72,7 @@ def test_run_directory_holds_metrics_evals_final_model_plot_and_report(online_ru
 def test_cached_teacher_run_equals_online_run(online_run, tmp_path, tiny_model_dir, corpus):
     cache = tmp_path / "cache"
     args = data_args(tiny_model_dir, corpus)
-    data_opts = ("--steps", "4", "--batch-size", "2", "--seq-len", "16", "--top-k", "8")
+    data_opts = ("--student", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--top-k", "8")
     out = nano("distill", "cache-teacher", *args, *data_opts, "--out", cache).output
     assert "4 steps" in out and len(list((cache / "shards").glob("step_*.npz"))) == 4
     run = tmp_path / "cached"
@@ -127,8 +115,6 @@ def test_resume_continues_and_refuses_other_settings(tmp_path, tiny_model_dir, c
     (("--loss", "ce", "--teacher-cache", "somewhere"), "--loss ce"),
     (("--on-policy-fraction", "1.5"), "on-policy-fraction"),
     (("--student", "nano-micro"), "vocabulary"),
-    (("--keep-layers", "1,2"), "change kind"),
-    (("--keep-layers", "0,x"), "layer indices"),
     (("--teacher-cache", "nowhere"), "not a teacher cache"),
     (("--qat", "int3-b32"), "--qat takes"),
     (("--qat-embeddings", "int4"), "pass --qat SCHEME too"),
@@ -140,17 +126,8 @@ def test_bad_settings_give_one_error_line(tmp_path, tiny_model_dir, corpus, extr
     assert not (tmp_path / "run").exists()  # nothing written: the same command, corrected, starts cleanly
 
 
-def test_student_from_teacher_layers_keeps_their_weights(tiny_model):
-    assert parse_layers("0,2,4-6") == [0, 2, 4, 5, 6]
+def test_the_command_lines_loss_list_is_the_loss_modules():
     assert set(LOSS_KINDS) == set(KINDS)  # the CLI's list (kept JAX-free) is the loss module's
-    config, params = student_start("tiny", TINY, teacher=tiny_model, keep_layers=[2, 3])  # local, global
-    assert config.num_layers == 2 and config.layer_types == TINY.layer_types[2:]
-    teacher = {k: np.asarray(v) for k, v in flat_params(tiny_model).items()}
-    for name, value in params.items():
-        source = name.replace("layers.0.", "layers.2.").replace("layers.1.", "layers.3.")
-        np.testing.assert_array_equal(value, teacher[source])
-    with pytest.raises(NanoError, match="increasing"):
-        student_start("tiny", TINY, teacher=tiny_model, keep_layers=[2, 0])
 
 
 def test_distributed_flag_runs_one_process_through_jax_distributed(tmp_path, tiny_model_dir, corpus):

@@ -107,21 +107,27 @@ def test_packing_invariants(lengths):
     docs = [[BOS] + list(range(100 + s + 1, 100 + s + n - 1)) + [EOS] for s, n in zip(start, lengths)]
     stream = np.concatenate(docs)
     doc = _doc_ids(lengths)
-    rows = pack(docs, seq_len=seq_len, pad_id=PAD)
+    rows = pack(docs, seq_len=seq_len, pad_id=PAD, bos_id=BOS)
     b = rows.batch(np.arange(rows.rows))
     assert all(v.shape == (rows.rows, seq_len) for v in b.values())
     real = b["segment_ids"] > 0
-    # every real token is an input exactly once, in order (the very last one may be only a target)
-    inputs = b["tokens"][real]
-    assert len(stream) - 1 <= len(inputs) <= len(stream) and (inputs == stream[:len(inputs)]).all()
-    # targets are the inputs shifted by one, across row boundaries too
-    assert (b["targets"][:, :-1] == b["tokens"][:, 1:]).all()
-    assert (b["targets"][:-1, -1] == b["tokens"][1:, 0]).all()
-    # a weighted target is the next token of the same document; every such pair is weighted once
-    g = np.arange(rows.rows)[:, None] * seq_len + np.arange(seq_len)  # global index of each input
+    g = np.arange(rows.rows)[:, None] * seq_len + np.arange(seq_len)  # global index of each input in the stream
+    # a row that opens mid-document opens with BOS instead of the stream's token; every other input is the stream's,
+    # each exactly once, in order (the very last token may be only a target)
+    continued = real[:, 0] & (doc[g[:, 0]] == doc[np.maximum(g[:, 0] - 1, 0)]) & (g[:, 0] > 0)
+    from_stream = real.copy()
+    from_stream[continued, 0] = False
+    assert (b["tokens"][continued, 0] == BOS).all()
+    inputs = b["tokens"][from_stream]
+    assert (inputs == stream[g[from_stream]]).all() and len(stream) - 1 <= real.sum() <= len(stream)
+    # targets are the stream shifted by one, across row boundaries too: every token after the first is a target once
+    scored = real & (g + 1 < len(stream))
+    assert (b["targets"][scored] == stream[g[scored] + 1]).all()
+    # a weighted target is the next token of the same document, never at a continued row's BOS
     weighted = b["weights"] > 0
-    assert (doc[g[weighted]] == doc[g[weighted] + 1]).all()
-    assert b["weights"].sum() == len(stream) - len(lengths)
+    assert (doc[g[weighted]] == doc[g[weighted] + 1]).all() and not weighted[continued, 0].any()
+    lost = continued & (doc[g[:, 0]] == doc[np.minimum(g[:, 0] + 1, len(doc) - 1)])  # not a document's EOS
+    assert b["weights"].sum() == len(stream) - len(lengths) - lost.sum()
     # segments count 1, 2, ... per row, positions restart at each segment; padding is segment 0, weight 0
     for r in range(rows.rows):
         seg, pos = b["segment_ids"][r], b["positions"][r]
@@ -130,12 +136,13 @@ def test_packing_invariants(lengths):
         assert (seg[real[r]] == np.cumsum(new)).all()
         assert (pos[real[r]][new] == 0).all() and (np.diff(pos[real[r]])[~new[1:]] == 1).all()
         assert (b["tokens"][r][~real[r]] == PAD).all() and (b["weights"][r][~real[r]] == 0).all()
-    bos_at = b["tokens"] == BOS  # BOS only where a document truly starts, always at position 0
-    assert bos_at.sum() == len(lengths) and (b["positions"][bos_at] == 0).all()
+    # BOS where a document starts and where a row continues one (Gemma reads text after BOS), always at position 0
+    bos_at = b["tokens"] == BOS
+    assert bos_at.sum() == len(lengths) + continued.sum() and (b["positions"][bos_at] == 0).all()
 
 
 def test_empty_rows_are_all_padding():
-    rows = pack([[BOS, 7, 8, EOS]], seq_len=4, pad_id=PAD)
+    rows = pack([[BOS, 7, 8, EOS]], seq_len=4, pad_id=PAD, bos_id=BOS)
     b = rows.batch(np.array([0, -1]))
     assert b["tokens"][1].tolist() == [PAD] * 4
     assert b["segment_ids"][1].sum() == 0 and b["weights"][1].sum() == 0
@@ -175,19 +182,20 @@ def test_eval_paths_are_the_heldout_set(tmp_path, tiny_tokenizer):
     assert (data.stats.documents, data.stats.heldout_documents) == (1, 1)
     batches = data.heldout_batches()
     assert len(batches) == 1 and batches[0]["tokens"].shape == (2, 8)
-    assert batches[0]["weights"].sum() == len(tiny_tokenizer.encode("other text")) + 1
+    # BOS text EOS: its pairs, less the one that opens the second row (that row starts with BOS instead)
+    assert batches[0]["weights"].sum() == len(tiny_tokenizer.encode("other text")) + 1 - 1
     with pytest.raises(NanoError, match="in both the training and the eval data"):
         make_datasets([tmp_path], tiny_tokenizer, seq_len=8, batch_size=2, eval_paths=[tmp_path / "eval.txt"])
 
 
 def _synthetic(rows, seq_len=4, batch_size=2, seed=0):
-    """rows * seq_len + 1 distinct tokens in one document: row r's first input is r * seq_len."""
-    packed = pack([np.arange(rows * seq_len + 1)], seq_len=seq_len, pad_id=-1)
+    """rows * seq_len + 1 distinct tokens in one document: row r's first target is r * seq_len + 1."""
+    packed = pack([np.arange(rows * seq_len + 1)], seq_len=seq_len, pad_id=-1, bos_id=-2)
     return Datasets(packed, None, DataStats(1, packed.length, rows, 0, 0, 0, 0), batch_size, seed)
 
 
 def _row_ids(batch, seq_len=4):
-    return (batch["tokens"][:, 0] // seq_len).tolist()
+    return (batch["targets"][:, 0] // seq_len).tolist()
 
 
 def test_epochs_are_permutations_with_new_orders_per_seed_and_epoch():

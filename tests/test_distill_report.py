@@ -31,7 +31,7 @@ def _fake_run(root, name, kind, *, ppl_scale, text_ppl):
               "heldout_tokens": 500} for s in (5, 10, 15, 20)]
     _write_jsonl(run / "eval.jsonl", evals)
     final = {**evals[-1], "teacher_student_top1": 0.5 if kind == "ce" else 0.7,
-             "kl_teacher_student": 0.9 if kind == "ce" else 0.3}
+             "kl_teacher_student": 0.9 if kind == "ce" else 0.3, "bits_per_byte": 1.0 if kind == "ce" else 0.9}
     del final["step"]
     (run / "report.json").write_text(json.dumps({"final_eval": final, "tokens_seen": 20 * TOKENS_PER_STEP,
                                                  "loss_kind": kind, "text_ppl": text_ppl}))
@@ -76,9 +76,12 @@ def test_compare_runs(runs, tmp_path):
     assert kd["tokens_seen"] == 20 * TOKENS_PER_STEP and kd["kl_teacher_student"] == 0.3
     assert json.loads((out / "comparison.json").read_text()) == json.loads(json.dumps(result))
     md = (out / "comparison.md").read_text()
-    assert "| run | loss | tokens | held-out ppl | ppl code | ppl wiki | top-1 agreement |" in md
-    assert "| base | ce | 5,120 | 5.000 | 80.000 | 40.000 | 0.500 | 0.9000 |" in md
-    assert "| kd | fkl | 5,120 | 4.000 | 88.000 | 30.000 | 0.700 | 0.3000 |" in md
+    assert ("| run | loss | tokens | held-out ppl | held-out bits/byte | ppl code | ppl wiki | bits/byte code | "
+            "bits/byte wiki | top-1 agreement |") in md
+    assert kd["heldout_bits_per_byte_change_vs_ce"] == pytest.approx(0.9 / 1.0 - 1.0)  # reports compare by it
+    assert "KD vs CE: held-out bits per byte −10.0%" in md
+    assert "| base | ce | 5,120 | 5.000 | 1.0000 | 80.000 | 40.000 | – | – | 0.500 | 0.9000 |" in md
+    assert "| kd | fkl | 5,120 | 4.000 | 0.9000 | 88.000 | 30.000 | – | – | 0.700 | 0.3000 |" in md
     assert "KD vs CE: held-out perplexity −20.0% at equal tokens (5,120) — kd (fkl) vs base (ce)" in md
     _check_png(out / "comparison.png")
 

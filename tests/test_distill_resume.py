@@ -1,7 +1,6 @@
 """kill -9 mid-run, then resume: the loss trajectory equals the uninterrupted run's, step for step."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

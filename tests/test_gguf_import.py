@@ -237,6 +237,7 @@ def test_parameters_per_type(imported, tensors, source_params):
         np.testing.assert_array_equal(got, _stored({name: tensors[name]})[key], err_msg=name)
 
 
+@pytest.mark.slow
 def test_logits_match_source(imported, tensors, source_params):
     _, model, _ = imported
     tokens = jnp.asarray([TOKENS])

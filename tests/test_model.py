@@ -94,6 +94,7 @@ def test_bfloat16_compute_tracks_float32(tiny_model):
     assert float(jnp.mean(jnp.argmax(f32, -1) == jnp.argmax(bf16, -1))) > 0.9
 
 
+@pytest.mark.slow
 def test_bfloat16_cache_parity():
     """A bfloat16 model decoding through a bfloat16 cache matches its full-sequence pass, and the cache it reads
     and writes at every step stays bfloat16 (the path really ran in bfloat16)."""
@@ -149,6 +150,7 @@ def test_cache_misuse_is_refused(tiny_model):
                    cache=KVCache.zeros(TINY, 1, 8))
 
 
+@pytest.mark.slow
 def test_head_applied_to_hidden_states_equals_logits(tiny_model):
     tokens = _tokens(1, 10, seed=9)
     logits, _ = run(tiny_model, tokens)
@@ -160,6 +162,7 @@ def test_head_applied_to_hidden_states_equals_logits(tiny_model):
     assert np.allclose(part, logits[..., rows], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_padded_chunk_rows_are_neither_seen_nor_written(tiny_model):
     """LiteRT-LM pads a short last prefill chunk with position 0; those rows must change nothing: the cache equals
     the unpadded chunk's, in the window-sized rings as in the full-length ones."""

@@ -112,6 +112,7 @@ def test_quantized_model_runs_through_the_one_model_code(tiny_model, embeddings)
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), logits, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_quantized_model_jits_and_fits_the_scheme(tiny_model):
     q = quantized(tiny_model)
     graphdef, state = nnx.split(q)
