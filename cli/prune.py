@@ -54,12 +54,14 @@ def prune_cmd(teacher, out, calibration, vocab_size, layers, keep_layers, ffn_di
                "fraction_of_teacher": record["student"]["fraction_of_teacher"],
                "kept_layers": record["kept"].get("layers"), "vocab_size": len(record["kept"].get("vocab", [])) or None,
                "coverage": record["calibration"].get("coverage"),
-               "depth_rank_correlation": record.get("depth_rank_correlation"), "seconds": record["seconds"]}
+               "depth_rank_correlation": record.get("depth_rank_correlation"), "seconds": record["seconds"],
+               "peak_rss_bytes": record["peak_rss_bytes"]}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"{out}: {summary['student_params']:,} parameters ({summary['fraction_of_teacher']:.1%} of the "
-               f"teacher's {summary['teacher_params']:,}) in {summary['seconds']:.0f} s"
+               f"teacher's {summary['teacher_params']:,}) in {summary['seconds']:.0f} s, peak memory "
+               f"{summary['peak_rss_bytes'] / 2**30:.1f} GiB"
                + (f"; layers kept {summary['kept_layers']}" if summary["kept_layers"] else "")
                + (f"; vocabulary {summary['vocab_size']:,} pieces covering {summary['coverage']:.2%} of the "
                   "calibration tokens" if summary["vocab_size"] else ""))

@@ -24,6 +24,7 @@ import numpy as np
 from nano.checkpoint import float_params, load_quant_info, model_from_flat, save_model_dir
 from nano.documents import training_texts
 from nano.errors import NanoError
+from nano.files import peak_rss_bytes
 from nano.perplexity import calibration_windows
 from nano.resolve import load_model, resolve_model_dir
 from nano.ui import status
@@ -136,6 +137,7 @@ def prune(teacher: str, out: str | Path, settings: PruneSettings, *, force: bool
     record["student"] = {"config_hash": config.hash, "params": config.param_count,
                          "fraction_of_teacher": config.param_count / record["teacher"]["params"]}
     record["seconds"] = round(time.perf_counter() - started, 1)
+    record["peak_rss_bytes"] = peak_rss_bytes()  # the process's peak so far: the teacher, its scores, the student
     with status(f"writing {out}"):
         save_model_dir(config, params, student_tok, out, overwrite=force,
                        extra={PRUNE_FILE: json.dumps(record) + "\n", PLOT_FILE: plot_scores(record)})

@@ -72,6 +72,7 @@ def test_pruned_student_is_what_prune_json_says(pruned, tiny_model, tiny_tokeniz
     drop = np.asarray(record["scores"]["drop_nll"])
     assert len(drop) == TINY.num_layers and set(kept["layers"]) == set(np.argsort(-drop)[:3].tolist())
     assert -1 <= record["depth_rank_correlation"] <= 1
+    assert record["seconds"] > 0 and record["peak_rss_bytes"] > 2 ** 20  # what the note reports: time and memory
     # kept rows of the embedding: the teacher's, its kept channels, scaled by sqrt(d_old / d_new)
     teacher = np.asarray(flat_params(tiny_model)["embedder.embedding"])
     want = teacher[np.asarray(kept["vocab"])][:, np.asarray(kept["channels"])] * np.sqrt(64 / 48)
