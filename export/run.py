@@ -211,7 +211,8 @@ def _verify(tflite: Path, config, params: dict, tokenizer, settings: ExportSetti
     with quiet_native_stderr():
         # The JAX reference runs the very parameters written (integer codes included), not a copy.
         verification = verify(lambda: TFLiteRunner(tflite, threads=settings.threads),
-                              lambda: model_from_flat(config, params), window, exact=exact)
+                              lambda: model_from_flat(config, params), window, exact=exact,
+                              ppl_tolerance=settings.ppl_tolerance)
     verification["text"] = text
     if not verification["ok"]:
         raise NanoError(failure_line(verification))

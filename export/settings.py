@@ -25,6 +25,7 @@ class ExportSettings:
     verify: bool = True
     random_init: bool = False
     verify_tokens: int = 1024  # held-out tokens: the first half prefilled, the second decoded and compared
+    ppl_tolerance: float = 0.02  # an integer artifact's perplexity may differ from JAX's by this fraction
     threads: int | None = None  # for verification; None: every core
 
     def check(self, out: str | Path, max_seq_len: int | None = None) -> None:
@@ -34,6 +35,8 @@ class ExportSettings:
             raise NanoError(f"--quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
         if self.embeddings is not None and self.embeddings not in EMBEDDINGS:
             raise NanoError(f"--embeddings must be one of {', '.join(EMBEDDINGS)}, got {self.embeddings!r}")
+        if not 0 < self.ppl_tolerance < 1:
+            raise NanoError(f"--ppl-tolerance must be a fraction between 0 and 1, got {self.ppl_tolerance}")
         if self.verify_tokens < 2:
             raise NanoError(f"verification needs at least 2 tokens, got {self.verify_tokens}")
         if self.max_tokens is not None and self.max_tokens < 2:

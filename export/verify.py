@@ -50,7 +50,8 @@ def _head(model, hidden, rows: int = 32768) -> np.ndarray:
     return np.concatenate(chunks, axis=-1)
 
 
-def verify(open_runner, build_model, window: np.ndarray, *, exact: bool) -> dict:
+def verify(open_runner, build_model, window: np.ndarray, *, exact: bool,
+           ppl_tolerance: float = PPL_TOLERANCE) -> dict:
     """Compare the artifact (`open_runner()` → export.runtime.TFLiteRunner) with the JAX model (`build_model()`) on
     `window`; the result carries `ok`. One after the other, so the two never hold their weights at once."""
     import jax.numpy as jnp
@@ -74,8 +75,9 @@ def verify(open_runner, build_model, window: np.ndarray, *, exact: bool) -> dict
         result["criterion"] = f"max |Δlogit| ≤ {FLOAT_TOLERANCE}"
         result["ok"] = result["max_abs_logit_diff"] <= FLOAT_TOLERANCE
     else:
-        result["criterion"] = f"perplexity within {PPL_TOLERANCE:.0%}"
-        result["ok"] = abs(result["ppl_ratio"] - 1) <= PPL_TOLERANCE
+        result["criterion"] = f"perplexity within {ppl_tolerance:.1%}"
+        result["tolerance"] = ppl_tolerance
+        result["ok"] = abs(result["ppl_ratio"] - 1) <= ppl_tolerance
     return result
 
 
@@ -84,4 +86,5 @@ def failure_line(result: dict) -> str:
         return (f"verification failed: max |Δlogit| {result['max_abs_logit_diff']:.2e} against the JAX model "
                 f"exceeds {FLOAT_TOLERANCE:g}")
     return (f"verification failed: perplexity through the artifact {result['ppl_artifact']:.4f} vs JAX "
-            f"{result['ppl_jax']:.4f} ({100 * (result['ppl_ratio'] - 1):+.2f}%, limit ±{100 * PPL_TOLERANCE:g}%)")
+            f"{result['ppl_jax']:.4f} ({100 * (result['ppl_ratio'] - 1):+.2f}%, limit ±{100 * result['tolerance']:g}%; "
+            "the runtime quantizes activations to int8, which the JAX model does not: --ppl-tolerance sets the limit)")

@@ -243,6 +243,7 @@ def test_embeddings_option(tiny_model_dir, gptq_dir, tmp_path):
     ("prefill above context", dict(prefill_lengths=(128,), max_tokens=64), "prefill length 128 exceeds --max-tokens"),
     ("context above the model's", dict(max_tokens=1024), "exceeds the model's context of 256"),
     ("verification of one token", dict(verify_tokens=1), "verification needs at least 2 tokens"),
+    ("tolerance above 1", dict(ppl_tolerance=1.5), "--ppl-tolerance must be a fraction between 0 and 1"),
 ])
 def test_bad_settings_are_refused_cleanly(tiny_model_dir, tmp_path, case, settings, message):
     out = tmp_path / "out" / "m.litertlm"
@@ -276,6 +277,20 @@ def test_failed_verification_writes_nothing(tiny_model_dir, tmp_path, monkeypatc
     out = tmp_path / "out" / "m.litertlm"
     assert_refused_cleanly(lambda: export(str(tiny_model_dir), out, ExportSettings(**SMALL)), out,
                            r"verification failed: max \|Δlogit\| .* exceeds 0")
+
+
+def test_ppl_tolerance_decides_an_integer_artifact(tiny_model_dir, tmp_path):
+    """The int8 artifact's perplexity is off JAX's by its measured ratio: a tolerance below that gap refuses the
+    export (saying how far it was and which option sets the limit), one above it accepts the same artifact."""
+    result = export(str(tiny_model_dir), tmp_path / "a.tflite", ExportSettings(quant="int8", **SMALL))
+    gap = abs(result["verification"]["ppl_ratio"] - 1)
+    assert result["verification"]["tolerance"] == 0.02 and 0 < gap <= 0.02
+    out = tmp_path / "out" / "b.tflite"
+    assert_refused_cleanly(lambda: export(str(tiny_model_dir), out, ExportSettings(quant="int8", ppl_tolerance=gap / 2,
+                                                                                   **SMALL)),
+                           out, r"verification failed: perplexity .*--ppl-tolerance sets the limit")
+    again = export(str(tiny_model_dir), out, ExportSettings(quant="int8", ppl_tolerance=gap * 2, **SMALL))
+    assert again["verification"]["ok"] and again["verification"]["ppl_ratio"] == result["verification"]["ppl_ratio"]
 
 
 def test_cli_errors_are_one_line(tmp_path, tiny_model_dir):
