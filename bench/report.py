@@ -17,6 +17,18 @@ from nano.errors import NanoError
 from nano.files import save_figure, write_text
 
 
+def read_bench(path: str | Path) -> dict[str, dict]:
+    """`nano bench --json` output (one result or a list of them), by artifact name without its suffix."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise NanoError(f"{path} is not a `nano bench --json` result ({e})") from None
+    results = results if isinstance(results, list) else [results]
+    if not all(isinstance(r, dict) and "artifact" in r for r in results):
+        raise NanoError(f"{path} is not a `nano bench --json` result (no artifact named in it)")
+    return {Path(r["artifact"]).stem: r for r in results}
+
+
 def rows(results: dict[str, dict]) -> list[dict]:
     """One row per result, and one per llama.cpp peer a result was measured against (once per GGUF)."""
     out, peers = [], set()

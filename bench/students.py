@@ -22,18 +22,6 @@ from nano.files import read_text, save_figure, write_text
 from nano.ui import status
 
 
-def read_bench(path: str | Path) -> dict[str, dict]:
-    """`nano bench --json` output (one result or a list of them), by artifact name without its suffix."""
-    try:
-        results = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise NanoError(f"{path} is not a `nano bench --json` result ({e})") from None
-    results = results if isinstance(results, list) else [results]
-    if not all(isinstance(r, dict) and "artifact" in r for r in results):
-        raise NanoError(f"{path} is not a `nano bench --json` result (no artifact named in it)")
-    return {Path(r["artifact"]).stem: r for r in results}
-
-
 def _row(name: str, model: str, bench: dict, texts: dict[str, str]) -> dict:
     from nano.perplexity import perplexity
     from nano.resolve import load_model
@@ -53,7 +41,7 @@ def _row(name: str, model: str, bench: dict, texts: dict[str, str]) -> dict:
 def compare_students(models: dict[str, str], *, texts: list[str], out_dir: str | Path,
                      bench: dict[str, dict] | None = None) -> list[dict]:
     """The rows (see the module docstring), also written to out_dir as students.json, students.md, students.png.
-    `bench`: bench results by artifact name (`read_bench`)."""
+    `bench`: bench results by artifact name (`bench.report.read_bench`)."""
     if not models:
         raise NanoError("no models to compare")
     named = {Path(t).name: read_text(t) for t in texts}

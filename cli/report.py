@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -52,17 +51,14 @@ def quantize_report(directories: tuple[Path, ...], out_dir: Path) -> None:
 @out_option
 def bench_report(results: tuple[str, ...], out_dir: Path) -> None:
     """Report NAME=FILE results (each `nano bench --json` output) together in OUT: bench.md, .json, .png."""
-    from bench.report import write_report
+    from bench.report import read_bench, write_report
 
     loaded = {}
-    for item in results:
-        name, sep, file = item.partition("=")
-        if not sep or not Path(file).is_file():
-            raise NanoError(f"expected NAME=FILE with an existing `nano bench --json` file, got {item!r}")
-        try:
-            loaded[name] = json.loads(Path(file).read_text())
-        except json.JSONDecodeError as e:
-            raise NanoError(f"{file} is not a `nano bench --json` result ({e.msg})") from None
+    for name, file in _named(results, "NAME=FILE with an existing `nano bench --json` file",
+                             valid=lambda file: Path(file).is_file()).items():
+        by_artifact = read_bench(file)  # one result, or several benched together (named NAME/ARTIFACT)
+        loaded.update({name: next(iter(by_artifact.values()))} if len(by_artifact) == 1 else
+                      {f"{name}/{artifact}": r for artifact, r in by_artifact.items()})
     for path in write_report(loaded, out_dir):
         click.echo(path)
 
@@ -82,14 +78,21 @@ def students_report(models: tuple[str, ...], texts: tuple[str, ...], bench_file:
     \b
     nano report students teacher=gemma3-270m kd=runs/kd/final --text heldout.txt --bench bench.json --out OUT
     """
-    from bench.students import compare_students, read_bench
+    from bench.report import read_bench
+    from bench.students import compare_students
 
-    entries = {}
-    for item in models:
-        name, sep, model = item.partition("=")
-        if not sep or not name or not model:
-            raise NanoError(f"expected NAME=MODEL, got {item!r}")
-        entries[name] = model
-    compare_students(entries, texts=list(texts), out_dir=out_dir,
+    compare_students(_named(models, "NAME=MODEL", valid=bool), texts=list(texts), out_dir=out_dir,
                      bench=read_bench(bench_file) if bench_file else None)
     click.echo((out_dir / "students.md").read_text(), nl=False)
+
+
+def _named(items: tuple[str, ...], form: str, *, valid) -> dict[str, str]:
+    """NAME=VALUE arguments as {name: value}; one clear error for an item not of that form or whose value is not
+    `valid`."""
+    named = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not valid(value):
+            raise NanoError(f"expected {form}, got {item!r}")
+        named[name] = value
+    return named

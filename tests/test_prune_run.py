@@ -217,3 +217,7 @@ def test_students_report_puts_the_student_beside_its_teacher(pruned, tmp_path, t
     assert rows[1]["decode_vs_reference"] == pytest.approx(rows[1]["decode_tokens_per_s"] /
                                                            rows[0]["decode_tokens_per_s"])
     assert (tmp_path / "report" / "students.png").read_bytes()[:4] == b"\x89PNG"
+    # the same list of results, as `nano report bench` reads it: one row per artifact benched together
+    table = nano("report", "bench", f"run={tmp_path / 'bench.json'}", "--out", tmp_path / "bench-report")
+    bench_rows = json.loads((tmp_path / "bench-report" / "bench.json").read_text())
+    assert table.exit_code == 0 and list(bench_rows) == ["run/teacher", "run/student"]
