@@ -47,6 +47,7 @@ def test_cache_parity_past_the_sliding_window(tiny_model, prefill):
     assert np.abs(np.asarray(full - incremental)).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_chunked_prefill_equals_full_sequence(tiny_model):
     tokens = _tokens(1, 20, seed=3)
     cache = KVCache.zeros(TINY, 1, 20)
@@ -71,6 +72,7 @@ def test_sliding_window_limits_what_local_layers_see():
     assert not np.allclose(run(local_only, changed_near)[0][0, -1], base, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_packed_documents_do_not_see_each_other(tiny_model):
     a, b = _tokens(1, 10, seed=5), _tokens(1, 14, seed=6)
     packed = jnp.concatenate([a, b], axis=1)

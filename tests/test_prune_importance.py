@@ -79,6 +79,7 @@ def model():
     return init_model(C, seed=3)
 
 
+@pytest.mark.slow
 def test_width_importance_matches_the_reference(model):
     scores = width_importance(model, TOKENS, batch_size=2)
     taps, _, _ = _reference(flat_params(model), TOKENS)
