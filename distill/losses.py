@@ -43,9 +43,10 @@ import math
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from distill.settings import LOSS_KINDS as KINDS  # one list, kept where the JAX-free command line reads it
-from nano.scoring import kl, nll
+from nano.scoring import fold_chunk, fold_end, fold_start, fold_to_student, kl, nll
 
 _NEG = -1e30  # a finite "minus infinity" for log-probs: exp gives exactly 0, differences and gradients stay finite
 
@@ -60,20 +61,28 @@ class SparseTeacher:
 
 
 def sparse_from_logits(teacher_logits: jax.Array, k: int = 256, *, mode: str = "sample",
-                       key: jax.Array | None = None, id_map: jax.Array | None = None) -> SparseTeacher:
+                       key: jax.Array | None = None, id_map=None) -> SparseTeacher:
     """The k largest teacher tokens (mode "top") or k drawn by teacher probability without replacement (mode
     "sample", the Gumbel-top-k trick: the k largest of log p + Gumbel noise; ids come in draw order, the first
     being an ordinary sample). Needs `key` for sampling. Zero-probability ids are drawn last, with log-prob -inf.
 
-    `id_map` [V] (teacher id → student id, −1 where the student's trimmed vocabulary dropped the piece) makes the
-    teacher one over the student's pieces: the k are drawn among them, given as student ids, and their log-probs
-    are normalised over them (the teacher's distribution restricted to what the student can say; its mass on the
-    dropped pieces is not something the student could match)."""
-    vocab = teacher_logits.shape[-1]
-    if not 1 <= k <= vocab:
-        raise ValueError(f"k must be between 1 and the vocabulary size {vocab}, got {k}")
-    ids = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), teacher_logits.shape)
-    logits, ids = _over_student_pieces(teacher_logits.astype(jnp.float32), ids, id_map)
+    `id_map` [V] (numpy; teacher id → student id, `Tokenizer.first_pieces_of`) is for a student with a trimmed
+    vocabulary: the teacher becomes a distribution over the student's next piece, each teacher piece's probability
+    going to the student piece its text begins with (a dropped "▁foobar" to "▁foo", which is how the student
+    spells it), −1 ids left out and the rest renormalised; the k are drawn among the student's pieces."""
+    if not 1 <= k <= teacher_logits.shape[-1]:
+        raise ValueError(f"k must be between 1 and the vocabulary size {teacher_logits.shape[-1]}, got {k}")
+    logits = teacher_logits.astype(jnp.float32)
+    return _draw(logits if id_map is None else fold_to_student(logits, id_map), k, mode, key)
+
+
+def _draw(logits, k, mode, key) -> SparseTeacher:
+    """The k ids of `sparse_from_logits` from float32 logits [..., V]; V < k (a small trimmed vocabulary) gives
+    the k − V extra draws probability 0."""
+    vocab = logits.shape[-1]
+    if vocab < k:
+        logits = jnp.pad(logits, [(0, 0)] * (logits.ndim - 1) + [(0, k - vocab)], constant_values=-jnp.inf)
+    ids = jnp.broadcast_to(jnp.arange(logits.shape[-1], dtype=jnp.int32) % vocab, logits.shape)
     # Ranking needs no normalisation (log p = logits − lse, lse constant per position): one pass for lse, and
     # only the k chosen ids are normalised.
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
@@ -90,28 +99,20 @@ def sparse_from_logits(teacher_logits: jax.Array, k: int = 256, *, mode: str = "
     return SparseTeacher(ids=jnp.take_along_axis(ids, pick, axis=-1), logprobs=_drop_excluded(logprobs, best))
 
 
-def _over_student_pieces(logits, ids, id_map):
-    """(the teacher's logits with the pieces outside the student's vocabulary at -inf, ids as student ids)."""
-    if id_map is None:
-        return logits, ids
-    student = jnp.take(jnp.asarray(id_map, jnp.int32), ids)
-    return jnp.where(student >= 0, logits, -jnp.inf), jnp.maximum(student, 0)
-
-
 def _drop_excluded(logprobs, best):
     """An id reached only because k exceeds the ids allowed (score -inf) gets log-prob -inf: the losses skip it."""
     return jnp.where(best == -jnp.inf, -jnp.inf, logprobs)
 
 
 def sparse_from_hidden(hidden: jax.Array, head_fn, embedding, k: int = 256, *, mode: str = "sample",
-                       key: jax.Array | None = None, vocab_chunk: int = 16384,
-                       id_map: jax.Array | None = None) -> SparseTeacher:
+                       key: jax.Array | None = None, vocab_chunk: int = 16384, id_map=None) -> SparseTeacher:
     """`sparse_from_logits(head_fn(hidden, embedding), ...)` without the [B, T, V] logits (34 GB for 8 × 1024
     tokens of a 262k vocabulary in float32, four times over in the sampling): the vocabulary in chunks, a running
     logsumexp, and the k best scores so far merged with each chunk's (the top k of a union are the top k of the
     parts' top k; earlier chunks win ties, as lower ids do in one top_k). `head_fn(hidden, rows)` gives the logits
     of vocabulary rows (e.g. `model.head`); `embedding` may be a QuantizedWeight. Memory: [B, T, k + vocab_chunk].
-    `id_map` as in `sparse_from_logits`."""
+    With `id_map` (as in `sparse_from_logits`) the chunks' probabilities are summed per student piece first, and
+    the k drawn from those: memory [B, T, student vocab + vocab_chunk]."""
     vocab = embedding.shape[0]
     if vocab % vocab_chunk or vocab_chunk <= k:
         return sparse_from_logits(head_fn(hidden, embedding), k, mode=mode, key=key, id_map=id_map)
@@ -120,25 +121,38 @@ def sparse_from_hidden(hidden: jax.Array, head_fn, embedding, k: int = 256, *, m
     if mode == "sample" and key is None:
         raise ValueError("mode='sample' needs a PRNG key")
     lead = hidden.shape[:-1]
+    starts = jnp.arange(vocab // vocab_chunk, dtype=jnp.int32) * vocab_chunk
+
+    def rows_at(start):
+        return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, vocab_chunk, axis=0), embedding)
+
+    if id_map is not None:
+        id_map = np.asarray(id_map)
+        size, targets = int(id_map.max()) + 1, jnp.asarray(id_map)
+
+        def fold(carry, start):
+            logits = head_fn(hidden, rows_at(start)).astype(jnp.float32)
+            return fold_chunk(carry, logits, jax.lax.dynamic_slice_in_dim(targets, start, vocab_chunk), size), None
+
+        folded, _ = jax.lax.scan(fold, fold_start(lead, size), starts)
+        return _draw(fold_end(folded), k, mode, key)
+
     neg = jnp.full((*lead, k), -jnp.inf, jnp.float32)
     carry = (jnp.full((*lead, 1), -jnp.inf, jnp.float32), jnp.zeros((*lead, 1), jnp.float32),
              neg, jnp.zeros((*lead, k), jnp.int32), neg)
 
     def step(carry, start):
         high, total, best, best_ids, best_logits = carry
-        rows = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, vocab_chunk, axis=0), embedding)
         ids = jnp.broadcast_to(start + jnp.arange(vocab_chunk, dtype=jnp.int32), (*lead, vocab_chunk))
-        logits, ids = _over_student_pieces(head_fn(hidden, rows).astype(jnp.float32), ids, id_map)
+        logits = head_fn(hidden, rows_at(start)).astype(jnp.float32)
         new_high = jnp.maximum(high, logits.max(axis=-1, keepdims=True))
-        shift = jnp.where(jnp.isfinite(new_high), new_high, 0.0)  # a chunk of dropped pieces only: nothing to add
-        total = total * jnp.exp(high - shift) + jnp.exp(logits - shift).sum(axis=-1, keepdims=True)
+        total = total * jnp.exp(high - new_high) + jnp.exp(logits - new_high).sum(axis=-1, keepdims=True)
         scores = logits if mode == "top" else logits + _gumbel(key, logits.shape, start)
         best, pick = jax.lax.top_k(jnp.concatenate([best, scores], axis=-1), k)
         best_ids = jnp.take_along_axis(jnp.concatenate([best_ids, ids], axis=-1), pick, axis=-1)
         best_logits = jnp.take_along_axis(jnp.concatenate([best_logits, logits], axis=-1), pick, axis=-1)
         return (new_high, total, best, best_ids, best_logits), None
 
-    starts = jnp.arange(vocab // vocab_chunk, dtype=jnp.int32) * vocab_chunk
     (high, total, best, ids, logits), _ = jax.lax.scan(step, carry, starts)
     return SparseTeacher(ids=ids, logprobs=_drop_excluded(logits - (high + jnp.log(total)), best))
 

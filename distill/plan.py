@@ -135,15 +135,19 @@ def activation_bytes(config: ModelConfig, settings: PlanSettings) -> int:
     return kept + (one_block if settings.remat != "none" else 0) + 2 * b * s * config.d_model * 4 + chunk
 
 
-def teacher_bytes(config: ModelConfig, settings: PlanSettings) -> tuple[int, int]:
+def teacher_bytes(config: ModelConfig, settings: PlanSettings, student_vocab: int | None = None) -> tuple[int, int]:
     """(the teacher's parameters on one device, its forward pass's working set): one block's activations, and
     the vocabulary walk of distill.losses.sparse_from_hidden, six float32 arrays of [batch, seq, k + vocab_chunk]
-    (a chunk's logits, their exponentials, Gumbel noise and scores, and the merge with the best k so far)."""
+    (a chunk's logits, their exponentials, Gumbel noise and scores, and the merge with the best k so far); for a
+    student with a trimmed vocabulary, four of [batch, seq, student vocab] instead of the k (the mass folded onto
+    the student's pieces, its log, the noise and the scores drawn from)."""
     b, s = settings.local_batch(), settings.seq_len
     itemsize = np.dtype(getattr(jnp, settings.teacher_dtype)).itemsize
     params = sharded_bytes(config, settings.mesh_sizes(), itemsize)
-    chunk = min(settings.vocab_chunk, config.vocab_size) + settings.top_k
-    forward = 6 * b * s * chunk * 4 + 8 * b * s * max(config.ffn_dim, config.d_model) * itemsize
+    chunk = min(settings.vocab_chunk, config.vocab_size)
+    trimmed = student_vocab is not None and student_vocab < config.vocab_size
+    walk = 6 * (chunk + settings.top_k) if not trimmed else 3 * chunk + 4 * student_vocab
+    forward = walk * b * s * 4 + 8 * b * s * max(config.ffn_dim, config.d_model) * itemsize
     return params, forward
 
 
@@ -163,7 +167,8 @@ def estimate(student: ModelConfig, teacher: ModelConfig | None, settings: PlanSe
     the update; the teacher's forward runs in its own program, the KV cache within on-policy sampling: the peak
     is the resident bytes plus the largest of those."""
     params = sharded_bytes(student, settings.mesh_sizes(), 4)
-    teacher_params, teacher_forward = teacher_bytes(teacher, settings) if teacher is not None else (0, 0)
+    teacher_params, teacher_forward = (teacher_bytes(teacher, settings, student.vocab_size) if teacher is not None
+                                       else (0, 0))
     # Accumulating over micro-batches keeps the running sum beside each micro-batch's gradients.
     gradients = params * (2 if settings.grad_accum > 1 else 1)
     parts = {"parameters": params, "gradients": gradients, "optimizer": 2 * params,

@@ -11,8 +11,9 @@
 What a run needs is built once, in a `RunContext`: the device mesh, the teacher laid out on it, the student's start
 and tokenizer, the data tokenized with it, the online teacher that scores batches. `nano distill` and `nano distill
 cache-teacher` both start from one. A student whose vocabulary is a trimmed subset of the teacher's (`nano prune
---vocab-size`) is trained on its own tokenization; the teacher reads the same tokens as its own ids and is
-compared over the student's pieces, its mass on the pieces the student lacks being one more outcome (the "rest").
+--vocab-size`) is trained on its own tokenization; the teacher reads the same tokens as its own ids, and its
+distribution becomes one over the student's next piece (a dropped piece's probability goes to the student piece its
+text begins with: `nano.scoring.fold_to_student`); the k drawn ids and "the rest" are compared (`--sparse-target`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -51,7 +51,7 @@ from nano.model import Decoder
 from nano.perplexity import perplexity
 from nano.quant import quantize_params
 from nano.resolve import embedded_teacher_dir, load_model, resolve_config
-from nano.tokenizer import Tokenizer
+from nano.tokenizer import Tokenizer, TrimmedVocab
 from nano.ui import console, status
 
 # Settings a resumed run may change: they do not alter the trajectory.
@@ -69,7 +69,7 @@ class RunContext:
     student: ModelConfig
     student_params: dict | None  # the student's start (None: random initialisation)
     tokenizer: Tokenizer  # the student's, which the data is tokenized with
-    teacher_ids: np.ndarray | None  # each student id as the teacher's; None when they share one vocabulary
+    vocab: TrimmedVocab | None  # the student's vocabulary inside the teacher's; None when they share one
     datasets: Datasets
 
     @classmethod
@@ -81,8 +81,8 @@ class RunContext:
             teacher, teacher_tokenizer = _load_teacher(settings, mesh)
         with status(f"loading the student {settings.student}"):
             student, params, tokenizer = student_start(settings.student, teacher_tokenizer)
-        teacher_ids = None if tokenizer.proto == teacher_tokenizer.proto else tokenizer.ids_in(teacher_tokenizer)
-        if teacher_ids is not None and _sparse_target(settings, True) == "rest" and settings.temperature != 1.0:
+        vocab = TrimmedVocab.of(tokenizer, teacher_tokenizer)
+        if vocab is not None and _sparse_target(settings, True) == "rest" and settings.temperature != 1.0:
             raise NanoError("a trimmed-vocabulary student learns the teacher's full-vocabulary probabilities (the rest "
                             f"form), known at --temperature 1 only (got {settings.temperature})")
         with status("reading and tokenizing the corpus"):
@@ -90,25 +90,28 @@ class RunContext:
                                      batch_size=settings.batch_size, seed=settings.seed,
                                      eval_paths=settings.eval_data or None)
         console.print(f"data: {datasets.stats.summary()}")
-        return cls(settings, mesh, teacher, student, params, tokenizer, teacher_ids, datasets)
+        return cls(settings, mesh, teacher, student, params, tokenizer, vocab, datasets)
 
     @property
     def sparse_target(self) -> str:
-        return _sparse_target(self.settings, self.teacher_ids is not None)
+        return _sparse_target(self.settings, self.vocab is not None)
 
     @functools.cached_property
     def online_teacher(self) -> OnlineTeacher:
         s = self.settings
         return OnlineTeacher(self.teacher, k=s.top_k, mode=s.sample_mode, seed=s.seed, mesh=self.mesh,
-                             vocab_chunk=s.vocab_chunk, student_ids=self.teacher_ids)
+                             vocab_chunk=s.vocab_chunk, vocab=self.vocab)
 
     @property
     def teacher_meta(self) -> dict:
         """What a teacher cache must have been made with for this run to read it: the teacher, how its k tokens
         were drawn, and the vocabulary they were drawn from (the student's)."""
         s = self.settings
-        return {"teacher": self.teacher.config.hash, "k": s.top_k, "mode": s.sample_mode, "seed": s.seed,
+        meta = {"teacher": self.teacher.config.hash, "k": s.top_k, "mode": s.sample_mode, "seed": s.seed,
                 "dtype": s.teacher_dtype, "vocab": hashlib.sha256(self.tokenizer.proto).hexdigest()[:16]}
+        if self.vocab is not None:  # how the teacher's probabilities became the student's (caches made before differ)
+            meta["fold"] = "first-piece"
+        return meta
 
 
 def _sparse_target(settings: DistillSettings, trimmed: bool) -> str:
@@ -199,7 +202,7 @@ def _job(ctx: RunContext) -> TrainJob:
                      rest=ctx.sparse_target == "rest")
     qat = _qat_specs(s, config)
     evaluator = Evaluator(ctx.datasets.heldout_batches(max_batches=s.eval_batches), teacher_model=ctx.teacher,
-                          token_bytes=ctx.tokenizer.token_bytes, teacher_ids=ctx.teacher_ids)
+                          token_bytes=ctx.tokenizer.token_bytes, vocab=ctx.vocab)
     init = ctx.student_params
     return TrainJob(config, ctx.datasets, loss, loop, mesh=ctx.mesh,
                     init_params=None if init is None else params_state(config, init),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -17,6 +16,7 @@ from distill.losses import SparseTeacher, distill_loss_from_hidden, sparse_from_
 from distill.sharding import batch_sharding, model_shardings, replicated
 from nano.config import ModelConfig
 from nano.model import Decoder, abstract_model
+from nano.tokenizer import TrimmedVocab
 
 
 def random_teacher(config: ModelConfig, *, dtype, mesh: Mesh, seed: int = 0) -> Decoder:
@@ -34,22 +34,18 @@ def random_teacher(config: ModelConfig, *, dtype, mesh: Mesh, seed: int = 0) -> 
 
 class OnlineTeacher:
     def __init__(self, teacher: Decoder, *, k: int = 256, mode: str = "sample", seed: int = 0, mesh: Mesh | None = None,
-                 vocab_chunk: int = 16384, student_ids: np.ndarray | None = None):
+                 vocab_chunk: int = 16384, vocab: TrimmedVocab | None = None):
         """With a `mesh`, the teacher's weights are sharded by the partition rules like the student's, and each
         device scores its own share of the batch. The vocabulary is walked in `vocab_chunk` rows: the teacher's
         [batch, seq, vocab] logits never exist.
 
-        `student_ids` [student vocab] (each student id's teacher id, `Tokenizer.ids_in`) is for a student with a
-        trimmed vocabulary: the batch's student tokens are read by the teacher as its own ids, and the k ids are
-        drawn among the student's pieces and given as student ids (see distill.losses.sparse_from_logits)."""
+        `vocab` is for a student with a trimmed vocabulary: the teacher reads the batch's student tokens as its own
+        ids, and its distribution becomes one over the student's next piece, from which the k ids are drawn, as
+        student ids (see distill.losses.sparse_from_logits)."""
         graphdef, self.state = nnx.split(teacher)
         self.key = jax.random.PRNGKey(seed)
-        to_teacher, id_map = None, None
-        if student_ids is not None:
-            to_teacher = jnp.asarray(student_ids, jnp.int32)
-            id_map = np.full(teacher.config.vocab_size, -1, np.int32)
-            id_map[np.asarray(student_ids)] = np.arange(len(student_ids), dtype=np.int32)
-            id_map = jnp.asarray(id_map)
+        to_teacher = None if vocab is None else jnp.asarray(vocab.teacher_ids, jnp.int32)
+        id_map = None if vocab is None else vocab.first_pieces
 
         def score(state, batch, key):
             model = nnx.merge(graphdef, state)

@@ -27,28 +27,31 @@ import numpy as np
 from flax import nnx
 
 from nano.errors import NanoError
-from nano.scoring import bits_per_byte, kl_from_logits, nll
+from nano.scoring import bits_per_byte, fold_to_student, kl_from_logits, nll
+from nano.tokenizer import TrimmedVocab
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "weights")
 
 
-def _chunk_sums(student_graph, teacher_graph, student_state, teacher_state, teacher_ids, chunk):
+def _chunk_sums(student_graph, teacher_graph, student_state, teacher_state, vocab, chunk):
     """[nll_sum, weight_sum, agree_sum, kl_sum] over one chunk of rows (float32; the host accumulates)."""
-    def logits_of(graph, state, ids=None):
+    def logits_of(graph, state, tokens):
         model = nnx.merge(graph, state)
-        tokens = chunk["tokens"] if ids is None else jnp.take(ids, chunk["tokens"])
         hidden, _ = model(tokens, chunk["positions"], segment_ids=chunk["segment_ids"], return_hidden=True)
-        table = model.embedder.embedding.get_value()  # float, or a QuantizedWeight: its rows lie along axis 0
-        rows = None if ids is None else jax.tree.map(lambda a: jnp.take(a, ids, axis=0), table)
-        return model.head(hidden, embedding=rows).astype(jnp.float32)
+        return model.head(hidden).astype(jnp.float32)
 
     w = chunk["weights"].astype(jnp.float32)
     live = w > 0  # masking, not just multiplying: a NaN or inf at a padding position must not leak into a sum
-    logits = logits_of(student_graph, student_state)
+    logits = logits_of(student_graph, student_state, chunk["tokens"])
     sums = [jnp.sum(jnp.where(live, w * nll(logits, chunk["targets"]), 0.0)), jnp.sum(w)]
     if teacher_graph is None:
         return jnp.stack(sums + [jnp.zeros(()), jnp.zeros(())])
-    teacher = logits_of(teacher_graph, teacher_state, teacher_ids)
+    if vocab is None:
+        teacher = logits_of(teacher_graph, teacher_state, chunk["tokens"])
+    else:  # the teacher reads the student's tokens as its ids; its distribution over the student's next piece
+        teacher_ids, first_pieces = vocab
+        teacher = fold_to_student(logits_of(teacher_graph, teacher_state, jnp.take(teacher_ids, chunk["tokens"])),
+                                  first_pieces, size=logits.shape[-1])
     kl = kl_from_logits(teacher, logits)
     # Top-1 agreement as "the maxima share a position", which needs no argmax (a slow variadic reduction on
     # XLA:CPU).
@@ -58,12 +61,12 @@ def _chunk_sums(student_graph, teacher_graph, student_state, teacher_state, teac
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _batch_sums(student_graph, teacher_graph, rows, student_state, teacher_state, teacher_ids, batch):
+def _batch_sums(student_graph, teacher_graph, rows, student_state, teacher_state, vocab, batch):
     """Sums over a [B, S] batch, `rows` rows at a time. Graphdefs and the chunk size are static (one program per
     model structure and batch shape); the parameter states are arguments, so a new checkpoint never recompiles."""
     chunks = {k: v.reshape(v.shape[0] // rows, rows, *v.shape[1:]) for k, v in batch.items()}
     per_chunk = jax.lax.map(
-        lambda c: _chunk_sums(student_graph, teacher_graph, student_state, teacher_state, teacher_ids, c), chunks)
+        lambda c: _chunk_sums(student_graph, teacher_graph, student_state, teacher_state, vocab, c), chunks)
     return jnp.sum(per_chunk, axis=0)
 
 
@@ -80,12 +83,11 @@ class Evaluator:
     rows keep the teacher's matmuls efficient on a CPU, where one-row chunks halved its speed)."""
 
     def __init__(self, heldout_batches: list[dict], *, teacher_model=None, token_bytes: np.ndarray | None = None,
-                 teacher_ids: np.ndarray | None = None, max_chunk_elements: int = 2 ** 28):
+                 vocab: TrimmedVocab | None = None, max_chunk_elements: int = 2 ** 28):
         """`token_bytes` (the UTF-8 bytes each vocabulary id decodes to, `Tokenizer.token_bytes`) adds bits per
-        byte: the NLL over the bytes of the scored targets. `teacher_ids` (each of a trimmed-vocabulary student's
-        ids as the teacher's, `Tokenizer.ids_in`) lets the teacher read the student's tokens, and compares the
-        student with the teacher's distribution over the student's pieces (renormalised there: the student has
-        nothing else to put mass on)."""
+        byte: the NLL over the bytes of the scored targets. `vocab` (a trimmed-vocabulary student's) lets the
+        teacher read the student's tokens, and compares the student with the teacher's distribution over the
+        student's next piece (`nano.scoring.fold_to_student`)."""
         if not heldout_batches:
             raise NanoError("no held-out batches to evaluate on (is the held-out split empty?)")
         self.scored_bytes = None if token_bytes is None else int(sum(
@@ -97,7 +99,8 @@ class Evaluator:
         else:
             self._teacher_graph, self._teacher_state = nnx.split(teacher_model)
             self._teacher_vocab = teacher_model.config.vocab_size
-        self._teacher_ids = None if teacher_ids is None else jnp.asarray(teacher_ids, jnp.int32)
+        self._vocab = None if vocab is None else (jnp.asarray(vocab.teacher_ids, jnp.int32),
+                                                  jnp.asarray(vocab.first_pieces, jnp.int32))
         self.max_chunk_elements = max_chunk_elements
 
     def __call__(self, student_model, *, progress: Callable[[int, int], None] | None = None) -> dict:
@@ -107,7 +110,7 @@ class Evaluator:
         totals = np.zeros(4, np.float64)
         for done, batch in enumerate(self.batches, start=1):
             rows = _rows_per_chunk(*batch["tokens"].shape, vocab, self.max_chunk_elements)
-            sums = _batch_sums(graph, self._teacher_graph, rows, state, self._teacher_state, self._teacher_ids, batch)
+            sums = _batch_sums(graph, self._teacher_graph, rows, state, self._teacher_state, self._vocab, batch)
             totals += np.asarray(jax.device_get(sums), np.float64)
             if progress:
                 progress(done, len(self.batches))

@@ -6,6 +6,7 @@ A student's vocabulary is its teacher's or a subset of it (`nano prune --vocab-s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -83,6 +84,23 @@ class Tokenizer:
                             f"(e.g. {self.sp.id_to_piece(int(unknown[0]))!r}) are not the teacher's")
         return ids
 
+    def first_pieces_of(self, teacher: "Tokenizer") -> np.ndarray:
+        """[teacher vocab] int32: for each of `teacher`'s ids, the id of this vocabulary's piece that begins the
+        piece's text as this tokenizer spells it: the piece itself where this vocabulary kept it, else the first
+        piece of its spelling (a dropped "▁foobar" begins "▁foo" "bar"), −1 for a dropped control or unused piece,
+        which spells nothing. A teacher's probability of a dropped piece is thereby a probability of the student's
+        next piece: what a student with this vocabulary learns from it."""
+        out = np.full(teacher.vocab_size, -1, np.int32)
+        out[self.ids_in(teacher)] = np.arange(self.vocab_size, dtype=np.int32)
+        proto = sp_pb2.ModelProto()
+        proto.ParseFromString(teacher.proto)
+        spelled = (sp_pb2.ModelProto.SentencePiece.NORMAL, sp_pb2.ModelProto.SentencePiece.USER_DEFINED)
+        dropped = [i for i in np.flatnonzero(out < 0).tolist() if proto.pieces[i].type in spelled]
+        texts = [proto.pieces[i].piece.replace("▁", " ") for i in dropped]
+        for i, ids in zip(dropped, self.sp.encode(texts)):
+            out[i] = ids[0]
+        return out
+
     @functools.cached_property
     def token_bytes(self) -> np.ndarray:
         """[vocab] int32: the UTF-8 bytes each id stands for inside a text ('▁' is a space, a byte piece is one byte,
@@ -96,6 +114,24 @@ class Tokenizer:
             elif piece.type in (sp_pb2.ModelProto.SentencePiece.NORMAL, sp_pb2.ModelProto.SentencePiece.USER_DEFINED):
                 out[i] = len(piece.piece.replace("▁", " ").encode("utf-8"))
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TrimmedVocab:
+    """A student's trimmed vocabulary inside its teacher's: `teacher_ids` [student vocab], each student id as the
+    teacher's (how the teacher reads the student's tokens); `first_pieces` [teacher vocab], each teacher id as the
+    student piece its text begins with (how the teacher's probabilities become the student's; see
+    `Tokenizer.first_pieces_of`)."""
+
+    teacher_ids: np.ndarray
+    first_pieces: np.ndarray
+
+    @classmethod
+    def of(cls, student: Tokenizer, teacher: Tokenizer) -> "TrimmedVocab | None":
+        """None when the two share one vocabulary."""
+        if student.proto == teacher.proto:
+            return None
+        return cls(student.ids_in(teacher), student.first_pieces_of(teacher))
 
 
 def _string_array(field) -> list[str]:

@@ -192,23 +192,41 @@ def test_rest_target_is_least_at_the_teacher():
         distill_loss(flat, targets, weights, top, kind="fkl", temperature=2.0, rest=True)
 
 
+def _first_pieces(vocab, kept, seed):
+    """A fold map as `Tokenizer.first_pieces_of` makes one: the `kept` teacher ids are student ids 0.., every
+    other id goes to a random kept one (the piece its text begins with) or, one in eight, nowhere (−1)."""
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(vocab, kept, replace=False))
+    first = rng.integers(0, kept, vocab).astype(np.int32)
+    first[rng.random(vocab) < 0.125] = -1
+    first[keep] = np.arange(kept)
+    return keep, first
+
+
+def _np_fold(teacher_logits, first, size):
+    """float64: the teacher's probability of each student piece, summed over the teacher pieces mapped to it."""
+    p = np.exp(_np_log_softmax(np.asarray(teacher_logits, np.float64)))
+    mass = np.zeros((*p.shape[:-1], size))
+    for i in np.flatnonzero(first >= 0):
+        mass[..., first[i]] += p[..., i]
+    return mass / mass.sum(-1, keepdims=True)
+
+
 @pytest.mark.parametrize("kind,beta", DIVERGENCES)
 def test_trimmed_vocabulary_target_against_float64(kind, beta):
     """A student with a trimmed vocabulary (V_s of the teacher's V pieces): the teacher is its distribution over the
-    student's pieces (renormalised there); its k ids are drawn among them and given as student ids, and the rest
-    outcome holds the student pieces not drawn. The loss equals the float64 formula on those (k + 1)-outcome
-    distributions, and is zero for a student that is the teacher over its pieces."""
+    student's next piece (each teacher piece's probability on the student piece it begins with, −1 pieces left out,
+    renormalised); its k ids are drawn among those and given as student ids, and the rest outcome holds the
+    student pieces not drawn. The loss equals the float64 formula on those (k + 1)-outcome distributions, and is
+    zero for a student that is that distribution."""
     _, teacher, _, _ = _batch(11)
-    keep = np.sort(np.random.default_rng(0).choice(V, 40, replace=False))  # student id i is teacher id keep[i]
-    id_map = np.full(V, -1, np.int32)
-    id_map[keep] = np.arange(len(keep))
+    keep, first = _first_pieces(V, 40, 0)
     student = _logits(12, (B, T, len(keep)))
-    sparse = sparse_from_logits(teacher, 8, mode="top", id_map=jnp.asarray(id_map))
+    sparse = sparse_from_logits(teacher, 8, mode="top", id_map=first)
     ids = np.asarray(sparse.ids)
     assert ids.max() < len(keep)  # student ids
-    p = np.exp(_np_log_softmax(np.asarray(teacher)[..., keep]))  # the teacher over the student's pieces
-    best_kept = np.argsort(-np.where(id_map[None, None] >= 0, np.asarray(teacher), -np.inf), -1)[..., :8]
-    assert np.array_equal(np.sort(keep[ids], -1), np.sort(best_kept, -1))  # the teacher's top 8 among the kept
+    p = _np_fold(teacher, first, len(keep))
+    assert np.array_equal(np.sort(ids, -1), np.sort(np.argsort(-p, -1)[..., :8], -1))  # the top 8 of the folded
     np.testing.assert_allclose(np.exp(np.asarray(sparse.logprobs)), np.take_along_axis(p, ids, -1), rtol=1e-5)
     q = np.exp(_np_log_softmax(student))
 
@@ -218,30 +236,30 @@ def test_trimmed_vocabulary_target_against_float64(kind, beta):
 
     _close(kd_per_token(student, sparse, kind=kind, beta=beta, rest=True),
            _np_div(coarse(p, ids), coarse(q, ids), kind, beta), 1e-4)  # values up to ~5 nats, in float32
-    _close(kd_per_token(np.asarray(teacher)[..., keep], sparse, kind=kind, beta=beta, rest=True), 0.0, 2e-4)
+    _close(kd_per_token(np.log(p), sparse, kind=kind, beta=beta, rest=True), 0.0, 2e-4)
 
 
 def test_trimmed_vocabulary_draws_are_the_same_in_chunks():
-    """The online teacher's chunked walk with an id map: the same student ids and log-probs as one pass."""
+    """The online teacher's chunked walk with a fold map: the same student ids and log-probs as one pass."""
     from distill.losses import sparse_from_hidden
 
     rng = np.random.default_rng(8)
     hidden = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
     table = jnp.asarray(rng.normal(size=(512, 16)) * 2, jnp.float32)
-    id_map = np.full(512, -1, np.int32)
-    keep = np.sort(rng.choice(512, 100, replace=False))
-    id_map[keep] = np.arange(100)
+    _, first = _first_pieces(512, 100, 8)
     head = lambda h, rows: h @ rows.T  # noqa: E731
     for mode in ("top", "sample"):
         key = jax.random.PRNGKey(5)
-        want = sparse_from_logits(head(hidden, table), 16, mode=mode, key=key, id_map=jnp.asarray(id_map))
-        got = sparse_from_hidden(hidden, head, table, 16, mode=mode, key=key, vocab_chunk=128,
-                                 id_map=jnp.asarray(id_map))
+        want = sparse_from_logits(head(hidden, table), 16, mode=mode, key=key, id_map=first)
+        got = sparse_from_hidden(hidden, head, table, 16, mode=mode, key=key, vocab_chunk=128, id_map=first)
         np.testing.assert_array_equal(got.ids, want.ids)
         np.testing.assert_allclose(got.logprobs, want.logprobs, atol=2e-5)
+    np.testing.assert_allclose(np.exp(sparse_from_logits(head(hidden, table), 100, mode="top", id_map=first).logprobs),
+                               np.sort(_np_fold(head(hidden, table), first, 100), -1)[..., ::-1], rtol=1e-5)
     # k above the student's pieces: the ids beyond them carry log-prob -inf and are left out of every loss
-    few = sparse_from_logits(head(hidden, table), 120, mode="top", id_map=jnp.asarray(id_map))
-    assert int(np.isfinite(np.asarray(few.logprobs)).sum(-1).max()) == 100
+    for few in (sparse_from_logits(head(hidden, table), 120, mode="top", id_map=first),
+                sparse_from_hidden(hidden, head, table, 120, mode="top", vocab_chunk=256, id_map=first)):
+        assert int(np.isfinite(np.asarray(few.logprobs)).sum(-1).max()) == 100 and np.asarray(few.ids).max() < 100
 
 
 def test_top_k_picks_the_largest():
