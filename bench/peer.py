@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -35,7 +36,9 @@ def time_gguf(path: str, *, threads: int, prefill_tokens: list[int], decode_toke
         llm._ctx.kv_cache_clear()
 
     def next_token() -> int:  # greedy, as the LiteRT-LM engine's benchmark samples
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        # The last token's logits from llama.cpp itself: without logits_all, `llm.scores` is never written (and has
+        # only n_batch rows, too few once a decode runs past the longest prefill).
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
 
     llm.eval(ids[:WARMUP_TOKENS])
     prefill = {}
@@ -76,6 +79,49 @@ def gguf_perplexity(path: str, text: str, *, threads: int, window: int) -> dict:
 
     ids = llm.tokenize(text.encode(), add_bos=False, special=False)
     return runtime_perplexity(ids, text, eval_window, window=window, bos_id=llm.token_bos())
+
+
+PEER_QUANTS = ("Q4_K_M", "Q4_0", "Q8_0")  # llama.cpp's own 4-bit (k-quant and legacy) and 8-bit formats
+_QUANTIZE = "import sys; from bench.peer import quantize_gguf; quantize_gguf(*sys.argv[1:4], threads=int(sys.argv[4]))"
+
+
+def quantize_gguf(src: str, dst: str, quant: str, *, threads: int) -> None:
+    """llama.cpp's own quantizer (what `llama-quantize SRC DST QUANT` runs) on a float GGUF."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed on {src}")
+
+
+def peer_gguf(vs_gguf: str, quant: str | None, tmp: Path, *, threads: int) -> tuple[Path, str]:
+    """(the GGUF llama.cpp runs, its name in results) for `--vs-gguf X [--peer-quant Q]`: a GGUF file runs as it is;
+    a model directory (or the embedded teacher's name with --peer-quant) is exported to a float32 GGUF under `tmp`.
+    With `quant`, llama.cpp's own quantizer makes that (or the file) Q: the same float model as our int4, their
+    4-bit beside ours. The quantizer runs in a child process, as every llama.cpp call here does."""
+    import subprocess
+    import sys
+
+    from nano.errors import NanoError
+    from nano.gguf_export import export_gguf
+
+    if Path(vs_gguf).is_file():
+        source, name = Path(vs_gguf), str(vs_gguf)
+    else:
+        source, name = export_gguf(vs_gguf, tmp / "peer-f32.gguf"), f"{vs_gguf} (f32 GGUF)"
+    if quant is None:
+        return source, name
+    out = tmp / f"peer-{quant}.gguf"
+    done = subprocess.run([sys.executable, "-c", _QUANTIZE, str(source), str(out), quant, str(threads)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise NanoError(f"llama.cpp could not quantize {vs_gguf} to {quant}: {lines[-1]}")
+    return out, f"{vs_gguf} ({quant} by llama.cpp)"
 
 
 def main() -> None:

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from export.integrity import check_artifact
 from export.runtime import quiet_native_stderr
 from nano.errors import NanoError
+from nano.checkpoint import is_model_dir
 from nano.files import peak_rss_bytes
 from nano.resolve import DEFAULT_TEACHER, teacher_gguf_path
 
@@ -129,13 +131,11 @@ def _round_litert_lm(path: Path, threads: int, prefill_tokens, decode_tokens: in
 def _round_gguf(gguf: Path, threads: int, prefill_tokens, decode_tokens: int, text: Path | None = None,
                 window: int = 512) -> dict:
     """One run of llama.cpp (bench.peer) in a child process; with `text`, its perplexity too."""
-    import importlib.util
     import json
     import subprocess
     import sys
 
-    if importlib.util.find_spec("llama_cpp") is None:
-        raise NanoError("--vs-gguf needs llama.cpp's bindings: run `make peer` (builds llama-cpp-python, ~7 min)")
+    _need_llama_cpp()
     command = [sys.executable, "-m", "bench.peer", str(gguf), "--threads", str(threads),
                "--prefill-tokens", ",".join(map(str, prefill_tokens)), "--decode-tokens", str(decode_tokens)]
     if text is not None:
@@ -145,6 +145,13 @@ def _round_gguf(gguf: Path, threads: int, prefill_tokens, decode_tokens: int, te
         lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
         raise NanoError(f"llama.cpp failed on {gguf}: {lines[-1]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _need_llama_cpp() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise NanoError("--vs-gguf needs llama.cpp's bindings: run `make peer` (builds llama-cpp-python, ~7 min)")
 
 
 def _median(rounds: list[dict]) -> dict:
@@ -172,6 +179,7 @@ def _check(paths: list[Path], backend: str, delegate, repeats: int, decode_token
             raise NanoError(f"{path} is neither a .tflite nor a .litertlm")
         if backend == "litert-lm" and path.suffix != ".litertlm":
             raise NanoError(f"the litert-lm backend runs a .litertlm bundle; {path} is a bare .tflite")
+        check_artifact(path)  # a damaged or altered file: one line here, never a signal in the runtime
     if backend not in BACKENDS:
         raise NanoError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "litert-lm" and delegate is not None:
@@ -205,20 +213,28 @@ def bench_many(artifacts: list[str | Path], *, backend: str = "litert", threads:
                delegate: str | None = None, delegate_options: dict[str, str] | None = None,
                prefill_tokens: tuple[int, ...] = (128, 512), decode_tokens: int = 128, repeats: int = 3,
                text: str | None = None, model: str | None = None, vs_gguf: str | None = None,
-               progress=lambda message: None) -> list[dict]:
+               peer_quant: str | None = None, progress=lambda message: None) -> list[dict]:
     """Time each ARTIFACT in alternating rounds (each artifact once per round, then llama.cpp on `vs_gguf` when
     given), so that all see the same machine state, and report each one's medians; with `vs_gguf`, each result's
-    ratios to llama.cpp. `progress` hears what runs."""
+    ratios to llama.cpp. `vs_gguf` is a GGUF file, the embedded teacher's name (its shipped GGUF) or a model
+    directory (exported to GGUF first); `peer_quant` has llama.cpp quantize it (bench.peer.peer_gguf).
+    `progress` hears what runs."""
     import os
 
     from bench.bandwidth import decode_limit
+    from bench.peer import PEER_QUANTS, peer_gguf
 
     paths = [Path(a) for a in artifacts]
     _check(paths, backend, delegate, repeats, decode_tokens, prefill_tokens)
-    if vs_gguf == DEFAULT_TEACHER:
+    if peer_quant is not None and (vs_gguf is None or peer_quant not in PEER_QUANTS):
+        raise NanoError(f"--peer-quant ({', '.join(PEER_QUANTS)}) quantizes the model --vs-gguf names, got "
+                        f"{peer_quant!r} for {vs_gguf!r}")
+    if vs_gguf == DEFAULT_TEACHER and peer_quant is None:
         vs_gguf = str(teacher_gguf_path())
-    if vs_gguf is not None and not Path(vs_gguf).is_file():
-        raise NanoError(f"--vs-gguf {vs_gguf} does not exist or is not a file")
+    if vs_gguf is not None and not (Path(vs_gguf).is_file() or is_model_dir(vs_gguf) or vs_gguf == DEFAULT_TEACHER):
+        raise NanoError(f"--vs-gguf {vs_gguf} does not exist or is neither a GGUF file nor a model directory")
+    if vs_gguf is not None:
+        _need_llama_cpp()
     threads = threads or os.cpu_count() or 1
     prefill_tokens = sorted(prefill_tokens)
     longest = max(prefill_tokens) + decode_tokens + 1
@@ -232,6 +248,11 @@ def bench_many(artifacts: list[str | Path], *, backend: str = "litert", threads:
                                      delegate_options=delegate_options, longest=longest,
                                      limit=f"prefill {max(prefill_tokens)} + decode {decode_tokens} tokens"))
         window = min(PERPLEXITY_WINDOW, *(s.max_tokens for s in subjects))
+        if vs_gguf is not None:
+            progress(f"llama.cpp's GGUF of {vs_gguf}" + (f" as {peer_quant}" if peer_quant else ""))
+            peer_path, peer_name = peer_gguf(vs_gguf, peer_quant, tmp, threads=threads)
+            peer_file = {"engine": "llama.cpp", "gguf": peer_name, "file_bytes": peer_path.stat().st_size,
+                         **({"peer_quant": peer_quant} if peer_quant else {})}
         peer_text = tmp / "text.txt" if text is not None else None
         if peer_text is not None:
             peer_text.write_text(text, encoding="utf-8")
@@ -250,7 +271,7 @@ def bench_many(artifacts: list[str | Path], *, backend: str = "litert", threads:
                                 {**_round_litert(s.runner, s.ids, prefill_tokens, decode_tokens), "load_s": s.load})
             if vs_gguf is not None:  # the first llama.cpp run also scores the text, on the same windows
                 progress(f"run {r + 1}/{repeats}: llama.cpp" + (" (and its perplexity)" if r == 0 and text else ""))
-                figures = _round_gguf(Path(vs_gguf), threads, prefill_tokens, decode_tokens,
+                figures = _round_gguf(peer_path, threads, prefill_tokens, decode_tokens,
                                       text=peer_text if r == 0 else None, window=window)
                 peer_quality.update({k: figures.pop(k) for k in QUALITY_KEYS if k in figures})
                 peer.append(figures)
@@ -264,8 +285,7 @@ def bench_many(artifacts: list[str | Path], *, backend: str = "litert", threads:
             results.append(result)
     for result in results:
         if peer:
-            result["peer"] = {"engine": "llama.cpp", "gguf": str(vs_gguf),
-                              "file_bytes": Path(vs_gguf).stat().st_size, **_median(peer), **peer_quality}
+            result["peer"] = {**peer_file, **_median(peer), **peer_quality}
             result["ratios"] = ratios(result, result["peer"])
         result["peak_rss_bytes"] = peak_rss_bytes()
     return results

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from bench.peer import PEER_QUANTS
 from bench.run import BACKENDS
 from cli.common import CONTEXT
 
@@ -26,14 +27,17 @@ from cli.common import CONTEXT
 @click.option("--text", type=click.Path(dir_okay=False), default=None,
               help="Also measure perplexity through the artifact on this text (the nano perplexity protocol).")
 @click.option("--model", default=None, help="The source model, for a bare .tflite's tokenizer (a .litertlm has one).")
-@click.option("--vs-gguf", default=None, metavar="FILE",
-              help="Also run llama.cpp on this GGUF (or gemma3-270m: the embedded teacher's), alternating with ours, and "
-                   "report the ratios; needs `make peer`.")
+@click.option("--vs-gguf", default=None, metavar="FILE|MODEL",
+              help="Also run llama.cpp on this GGUF (or gemma3-270m: the embedded teacher's; or a model directory, "
+                   "exported to GGUF first), alternating with ours, and report the ratios; needs `make peer`.")
+@click.option("--peer-quant", type=click.Choice(PEER_QUANTS), default=None,
+              help="Quantize the --vs-gguf model with llama.cpp's own quantizer first: the same float model, their "
+                   "4-bit beside ours.")
 @click.option("--report", "report_dir", default=None, metavar="DIR", help="Write bench.md, bench.json, bench.png here.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as one JSON object (a list of them for several artifacts).")
 def bench_cmd(artifacts, backend, threads, delegate, delegate_options, prefill_tokens, decode_tokens, repeats, text,
-              model, vs_gguf, report_dir, as_json):
+              model, vs_gguf, peer_quant, report_dir, as_json):
     """Time exported ARTIFACTS (.tflite or .litertlm): load, time to first token, prefill and decode tokens/s,
     peak RSS, file size, and how close decode is to the memory-bandwidth limit; with --text, perplexity and bits
     per byte through the artifact; with --vs-gguf, llama.cpp on the same machine, threads and lengths. Several
@@ -42,6 +46,7 @@ def bench_cmd(artifacts, backend, threads, delegate, delegate_options, prefill_t
     \b
     nano bench runs/export/teacher-int4-b32.litertlm
     nano bench runs/export/teacher-int4-b32.litertlm --backend litert-lm --vs-gguf teacher.gguf --report out/
+    nano bench student-int4.litertlm --backend litert-lm --vs-gguf runs/distill/kd/final --peer-quant Q4_K_M
     nano bench t.tflite --model gemma3-270m --text heldout.txt --json
     nano bench teacher.litertlm student.litertlm --backend litert-lm --report out/   # side by side
     nano bench m.tflite --model M --delegate /usr/lib/libedgetpu.so.1 --delegate-option device=usb:0
@@ -60,7 +65,7 @@ def bench_cmd(artifacts, backend, threads, delegate, delegate_options, prefill_t
                              delegate_options=_options(delegate_options),
                              prefill_tokens=parse_lengths(prefill_tokens), decode_tokens=decode_tokens,
                              repeats=repeats, text=read_text(text) if text else None, model=model, vs_gguf=vs_gguf,
-                             progress=lambda message: status.update(f"benchmarking: {message}"))
+                             peer_quant=peer_quant, progress=lambda message: status.update(f"benchmarking: {message}"))
     if report_dir is not None:
         from bench.report import write_report
 

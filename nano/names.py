@@ -1,10 +1,12 @@
-"""The one table from our parameter names to the names of the checkpoint formats we import.
+"""The one table from our parameter names to the names of the checkpoint formats we import and export.
 
-`{i}` is the layer index. Kind says how the stored tensor becomes ours:
+`{i}` is the layer index. Kind says how the stored tensor becomes ours (`to_ours`) and back (`to_source`):
 - "kernel": stored [out, in] (GGUF in numpy order, Hugging Face `nn.Linear`), ours is [in, out].
 - "norm": RMSNorm multiplier. GGUF already stores `1 + w`; Hugging Face Gemma stores `w`.
 - "embedding": [vocab, d_model] in both.
 """
+
+import numpy as np
 
 # ours                   GGUF                          Hugging Face (Gemma3ForCausalLM)            kind
 TOP = [
@@ -38,3 +40,23 @@ def name_table(num_layers: int, source: int) -> dict[str, tuple[str, str]]:
             prefix = f"blk.{i}." if source == GGUF else _HF_LAYER_PREFIX.format(i=i)
             table[f"layers.{i}.{ours}"] = (prefix + names[source], kind)
     return table
+
+
+def to_ours(value: np.ndarray, kind: str, source: int) -> np.ndarray:
+    """A tensor as `source` stores it (float32), in our layout and convention."""
+    if kind == "kernel":
+        return np.ascontiguousarray(value.T)
+    if kind == "norm" and source == HF:
+        return 1.0 + value
+    return value
+
+
+def to_source(value: np.ndarray, kind: str, source: int) -> np.ndarray:
+    """The reverse of `to_ours`: our float32 parameter as `source` stores it. A Hugging Face norm `w = scale - 1`
+    is a float32 exactly for every scale >= 0.5, so `1 + w` gives the scale back bit for bit; a smaller scale comes
+    back within 2**-25 (float32 `1 + w` cannot land on it)."""
+    if kind == "kernel":
+        return np.ascontiguousarray(value.T)
+    if kind == "norm" and source == HF:
+        return value - np.float32(1.0)
+    return value

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from nano.checkpoint import is_model_dir, load_config, load_model_dir
+from nano.checkpoint import float_params, is_model_dir, load_config, load_model_dir, load_quant_info
 from nano.config import PRESETS, ModelConfig
 from nano.errors import NanoError
 from nano.files import atomic_write
@@ -79,3 +79,24 @@ def load_model(name_or_path: str | Path, *, dtype=jnp.float32):
     """(model, tokenizer) for MODEL."""
     return load_model_dir(resolve_model_dir(name_or_path), dtype=dtype)
 
+
+def refuse_existing(out: str | Path, overwrite: bool) -> None:
+    """An output that exists is replaced only with --force: checked before any work."""
+    if Path(out).exists() and not overwrite:
+        raise NanoError(f"{out} already exists (pass --force to replace it)")
+
+
+def load_float_params(name_or_path: str | Path, *, dequantize: bool, target: str):
+    """(config, {name: float32 numpy array}, tokenizer) of MODEL, for writing it in another format (`target`).
+
+    A quantized model directory is refused unless `dequantize`: the other format gets float weights, so its int4
+    codes would silently become a model four to eight times their size and no longer on their grid once a
+    runtime re-quantizes them."""
+    path = resolve_model_dir(name_or_path)
+    quant = load_quant_info(path)
+    if quant and not dequantize:
+        what = " ".join(str(quant[k]) for k in ("method", "scheme") if quant.get(k)) or "quantized"
+        raise NanoError(f"{name_or_path} is a quantized model ({what}); {target} export writes float weights: "
+                        f"pass --dequantize to write its weights dequantized to float")
+    model, tokenizer = load_model_dir(path)
+    return model.config, float_params(model), tokenizer

@@ -19,14 +19,15 @@ import numpy as np
 from safetensors import safe_open
 
 from nano.checkpoint import save_model_dir
-from nano.config import ModelConfig
+from nano.config import GLOBAL, LOCAL, ModelConfig
 from nano.errors import NanoError
-from nano.names import HF, name_table
+from nano.names import HF, name_table, to_ours
 from nano.tokenizer import Tokenizer
 
 CONFIG_FILE, TOKENIZER_FILE, INDEX_FILE = "config.json", "tokenizer.model", "model.safetensors.index.json"
 _TEXT, _MULTIMODAL = "gemma3_text", "gemma3"
 _SLIDING, _FULL = "sliding_attention", "full_attention"
+_GEMMA3_GLOBAL_EVERY = 6
 
 # Gemma3TextConfig's defaults in transformers: a config.json (a multimodal one's text_config above all) leaves out
 # the fields that equal them, and transformers fills them in, so the importer must too.
@@ -89,17 +90,17 @@ def hf_text_config(data, *, where: str = CONFIG_FILE) -> tuple[dict, str]:
     return {**_HF_DEFAULTS, **data}, model_type
 
 
-def global_every_from(layer_types, num_layers: int) -> int:
-    """The N of "every Nth layer is global" that HF's `layer_types` spells out; NanoError when it is irregular."""
+def layer_pattern_from(layer_types, num_layers: int) -> tuple[int, tuple[str, ...] | None]:
+    """(global_every, layer_kinds) for HF's `layer_types`: the N of "every Nth layer is global" where the list is
+    that regular pattern, else Gemma 3's 6 with each layer's kind spelled out (a depth-pruned student's)."""
     if not isinstance(layer_types, list) or len(layer_types) != num_layers or not set(layer_types) <= {_SLIDING, _FULL}:
         raise NanoError(f"config.json layer_types must list {num_layers} of '{_SLIDING}' / '{_FULL}', "
                         f"got {layer_types!r}")
     full = [i for i, t in enumerate(layer_types) if t == _FULL]
     every = full[0] + 1 if full else num_layers + 1  # all sliding: no layer is a multiple of N
     if any((t == _FULL) != ((i + 1) % every == 0) for i, t in enumerate(layer_types)):
-        raise NanoError(f"config.json layer_types is not a regular pattern (every Nth layer full attention): "
-                        f"full attention at layers {full}")
-    return every
+        return _GEMMA3_GLOBAL_EVERY, tuple(GLOBAL if t == _FULL else LOCAL for t in layer_types)
+    return every, None
 
 
 def _rope(cfg: dict) -> tuple[float, float, float]:
@@ -140,9 +141,9 @@ def config_from_hf(cfg: dict) -> ModelConfig:
     try:
         num_layers = int(cfg["num_hidden_layers"])
         if "layer_types" in cfg:
-            global_every = global_every_from(cfg["layer_types"], num_layers)
+            global_every, layer_kinds = layer_pattern_from(cfg["layer_types"], num_layers)
         else:
-            global_every = int(cfg["sliding_window_pattern"])
+            global_every, layer_kinds = int(cfg["sliding_window_pattern"]), None
         rope_global, rope_local, rope_scale = _rope(cfg)
         softcap = cfg["final_logit_softcapping"]
         return ModelConfig(
@@ -155,6 +156,7 @@ def config_from_hf(cfg: dict) -> ModelConfig:
             ffn_dim=int(cfg["intermediate_size"]),
             sliding_window=None if cfg["sliding_window"] is None else int(cfg["sliding_window"]),
             global_every=global_every,
+            layer_kinds=layer_kinds,
             rope_base_local=rope_local,
             rope_base_global=rope_global,
             rope_scale_global=rope_scale,
@@ -254,12 +256,7 @@ def params_from_hf(reader: _Reader, config: ModelConfig, model_type: str, *, tie
         want = expected[ours][::-1] if kind == "kernel" else expected[ours]
         if reader.shape(theirs) != want:
             raise NanoError(f"tensor {theirs} has shape {reader.shape(theirs)}, config.json needs {want}")
-        value = reader.get(theirs)
-        if kind == "kernel":
-            value = np.ascontiguousarray(value.T)
-        elif kind == "norm":
-            value = 1.0 + value
-        params[ours] = value
+        params[ours] = to_ours(reader.get(theirs), kind, HF)
     heads = [h for h in _HEADS[model_type] if reader.has(h)]
     if not heads and not tied:
         raise NanoError("config.json unties the output head (tie_word_embeddings: false) but there is no "

@@ -130,6 +130,12 @@ def test_layer_types_to_global_every(layer_types, every):
     assert c.layer_types == tuple(GLOBAL if t == "full_attention" else LOCAL for t in layer_types)
 
 
+def test_irregular_layer_types_become_layer_kinds():
+    """A depth-pruned student keeps each kept layer's kind: a list no period describes is kept layer by layer."""
+    c = _config(layer_types=["sliding_attention", "full_attention", "full_attention", "sliding_attention"])
+    assert c.layer_types == (LOCAL, GLOBAL, GLOBAL, LOCAL) and c.layer_kinds == c.layer_types
+
+
 def test_sliding_window_pattern_without_layer_types():
     c = _config(num_hidden_layers=12, layer_types=_DROP, sliding_window_pattern=3)
     assert c.global_every == 3 and c.layer_types.count(GLOBAL) == 4
@@ -260,8 +266,6 @@ BAD = {  # case: (damage done to a copy of the checkpoint, what the message says
     "config not JSON": (lambda src: (src / "config.json").write_text("{model_type: gemma3"), "not valid JSON"),
     "unknown model_type": (lambda src: _edit_config(src, model_type="llama"), "unknown architecture 'llama'"),
     "gemma3 without text_config": (lambda src: _edit_config(src, model_type="gemma3"), "without a text_config"),
-    "irregular layer_types": (lambda src: _edit_config(src, layer_types=ALTERNATING[:1] + ["full_attention"] * 3),
-                              "not a regular pattern"),
     "layer_types wrong length": (lambda src: _edit_config(src, layer_types=ALTERNATING), "must list 4"),
     "rope type": (lambda src: _edit_config(src, rope_scaling={"rope_type": "yarn", "factor": 4.0}), "'yarn'"),
     "attention softcap": (lambda src: _edit_config(src, attn_logit_softcapping=50.0), "attn_logit_softcapping"),
