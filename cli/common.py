@@ -6,7 +6,7 @@ import json
 
 import click
 
-from nano.errors import NanoError
+from nano.errors import NanoError, drop_closed_loop_reports
 
 DTYPES = ("float32", "bfloat16")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -17,6 +17,7 @@ class OneLineErrors:
     status 1 (the `nano` group, and `nano-export` run on its own)."""
 
     def invoke(self, ctx):
+        drop_closed_loop_reports()  # every command that reads a checkpoint (a run's resume too) ends in one line
         try:
             return super().invoke(ctx)
         except NanoError as e:

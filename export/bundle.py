@@ -1,5 +1,6 @@
 """The .litertlm bundle: the .tflite, the SentencePiece tokenizer, LlmMetadata and the executor's cache layout,
-plus provenance (source config hash, quantization, tool versions) as system metadata.
+plus provenance (source config hash, quantization, tool versions, SHA-256 of every section and weight) as system
+metadata.
 
 LlmMetadata: BOS as start token (the engine adds it on the first turn), EOS and <end_of_turn> as stop tokens, the
 context, and a TOP_P sampler with k = 1 (greedy: the CPU engine implements TOP_P only). The model type is
@@ -15,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from export.graph import K_CACHE, V_CACHE
+from export.integrity import DIGESTS, check_artifact, file_digests
 from nano.config import GLOBAL, ModelConfig
 
 SEQUENCE_AXIS = 2  # caches are [1, kv_heads, slots, head_dim]
@@ -56,6 +58,9 @@ def executor_metadata(config: ModelConfig) -> bytes:
 
 
 def build(tflite: Path, out: Path, *, tokenizer, config: ModelConfig, max_tokens: int, provenance: dict) -> None:
+    """Write the bundle. The provenance gains `digests` (export.integrity.file_digests): the SHA-256 of each file
+    that becomes a section (the builder copies them byte for byte) and of each weight buffer of the .tflite; the
+    written bundle is then checked against them, so a bundle leaves here only if `nano verify` passes it."""
     from litert_lm_builder import litertlm_builder as lb
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,8 +68,11 @@ def build(tflite: Path, out: Path, *, tokenizer, config: ModelConfig, max_tokens
         (tmp / "llm_metadata.pb").write_bytes(llm_metadata(tokenizer, max_tokens))
         (tmp / "executor_metadata.pb").write_bytes(executor_metadata(config))
         tokenizer.save(tmp / "tokenizer.model")
+        digests = file_digests({"LlmMetadataProto": tmp / "llm_metadata.pb", "TFLiteModel": tflite,
+                                "ExecutorMetadataProto": tmp / "executor_metadata.pb",
+                                "SP_Tokenizer": tmp / "tokenizer.model"})
         builder = lb.LitertLmFileBuilder()
-        for key, value in provenance.items():
+        for key, value in {**provenance, DIGESTS: digests}.items():
             text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
             builder.add_system_metadata(lb.Metadata(key=f"nano.{key}", value=text, dtype=lb.DType.STRING))
         builder.add_llm_metadata(str(tmp / "llm_metadata.pb"))
@@ -73,6 +81,7 @@ def build(tflite: Path, out: Path, *, tokenizer, config: ModelConfig, max_tokens
         builder.add_sentencepiece_tokenizer(str(tmp / "tokenizer.model"))
         with open(out, "wb") as f:
             builder.build(f, validate_metadata=True)
+    check_artifact(out)
 
 
 def read_provenance(path: Path) -> dict:

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from nano.config import ModelConfig
-from nano.errors import NanoError
+from nano.errors import NanoError, drop_closed_loop_reports
 from nano.files import atomic_directory
 from nano.model import Decoder, abstract_model
 from nano.quant import QuantizedWeight
@@ -134,6 +134,7 @@ def load_model_dir(path: str | Path, *, dtype=jnp.float32) -> tuple[Decoder, Tok
         raise NanoError(f"{path}: tokenizer has {tokenizer.vocab_size} pieces, config.json {config.vocab_size}")
     if not (path / PARAMS_DIR).is_dir():
         raise NanoError(f"{path} has no {PARAMS_DIR}/ directory")
+    drop_closed_loop_reports()  # a damaged file: one error line, not Orbax's teardown after it
     try:
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore((path / PARAMS_DIR).absolute())  # Orbax refuses relative paths

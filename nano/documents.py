@@ -154,9 +154,15 @@ def training_texts(paths: Sequence[str | Path], *, what: str) -> list[str]:
     if not train:
         raise NanoError(f"{what} {where} holds no text to read (empty, or every document held out)")
     texts = [d.text for d in train]
+    refuse_non_text(texts, skipped, what=f"{what} {where}")
+    return texts
+
+
+def refuse_non_text(texts: Sequence[str], skipped: int, *, what: str) -> None:
+    """The one rule for text that is not text: NanoError when more than NON_TEXT_LIMIT of the bytes read (the
+    UTF-8 of `texts` plus the `skipped` undecodable bytes) were undecodable or control characters."""
     size = sum(len(t.encode("utf-8")) for t in texts) + skipped
     control = sum(len(_CONTROL.findall(t)) for t in texts)
-    if (skipped + control) / size > NON_TEXT_LIMIT:
-        raise NanoError(f"{what} {where} is not text: {(skipped + control) / size:.0%} of its bytes are not UTF-8 "
-                        "text (a binary file?)")
-    return texts
+    if size and (skipped + control) / size > NON_TEXT_LIMIT:
+        raise NanoError(f"{what} is not text: {(skipped + control) / size:.0%} of its bytes are not UTF-8 text "
+                        "(a binary file?)")

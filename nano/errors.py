@@ -1,5 +1,32 @@
 """The one error type a user sees: the command line prints its message as a single line and exits non-zero."""
 
+from __future__ import annotations
+
+import sys
+
 
 class NanoError(Exception):
     """Bad input or a failed stage, with a message that says what and why."""
+
+
+def drop_closed_loop_reports() -> None:
+    """Keep the checkpoint library's teardown from printing after the one error line.
+
+    Orbax reads a checkpoint through tensorstore on an asyncio loop. When one read fails (a truncated parameter
+    file), the loop is closed while other reads are still in flight; each of those, completing later on a
+    tensorstore thread, reports `RuntimeError: Event loop is closed` through sys.unraisablehook: dozens of
+    tracebacks around the one line that said what was wrong, some after it, until the process exits. They say
+    nothing that line does not, so exactly those reports are dropped, for the rest of the process (stragglers
+    arrive until exit); any other unraisable error still reaches the previous hook. Idempotent."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from nano.documents import decode_utf8, refuse_non_text
 from nano.errors import NanoError
 
 
@@ -104,12 +105,20 @@ def peak_rss_bytes() -> int:
 
 
 def read_text(path: str | Path) -> str:
-    """A text file a command works on, as UTF-8 (undecodable bytes replaced); one clear error when it is missing or
-    empty."""
+    """A text file a command works on, as UTF-8, read as the data loader reads documents (nano.documents): bytes
+    that are not UTF-8 are skipped, and a file with too many of them or of control characters is refused in one
+    line (random bytes are not text to score); below that limit the skipped bytes are counted and reported on
+    stderr. One clear error, too, when the file is missing or empty."""
     p = Path(path)
     if not p.is_file():
         raise NanoError(f"{path} does not exist or is not a file")
-    text = p.read_bytes().decode("utf-8", errors="replace")
+    text, skipped = decode_utf8(p.read_bytes())
+    refuse_non_text([text], skipped, what=str(path))
     if not text.strip():
         raise NanoError(f"{path} is empty: nothing to work on")
+    if skipped:
+        from nano.ui import console
+
+        console.print(f"{path}: {skipped:,} undecodable bytes skipped", markup=False, highlight=False,
+                      soft_wrap=True)  # one line, however narrow the terminal
     return text
