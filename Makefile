@@ -17,6 +17,10 @@ OUTSIDE_TEXT = $(shell $(BIN)/python -c "import sysconfig, click, os; \
 STUDENT_PRUNE ?= --vocab-size 32768
 HEAL_STEPS ?= 20
 HEAL_LR ?= 1e-5
+# KD as Hinton et al. define it: the teacher's distribution and the data's next token, half each. On the vocabulary
+# student the teacher alone has little to teach (the student starts as the teacher over its pieces); the data
+# alone forgets what the teacher knows beyond the corpus. docs/prune.md measures the three.
+HEAL_ALPHA ?= 0.5
 HEAL_DATA = --teacher gemma3-270m --data stdlib --steps $(HEAL_STEPS) --batch-size 4 --seq-len 256 --teacher-dtype bfloat16
 HEAL_RUN = --lr $(HEAL_LR) --warmup-steps 2 --eval-every 5 --eval-batches 2 $(foreach f,$(OUTSIDE_TEXT),--eval-text $(f))
 STUDENT_CONTEXT ?= 1024
@@ -31,13 +35,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-test: install
+# The tests also load our Hugging Face export in transformers (PyTorch's CPU build): test-only, so not in `install`.
+HF_STAMP := $(VENV)/.hf-stamp
+$(HF_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,hf]'
+	touch $@
+
+test: install $(HF_STAMP)
 	$(BIN)/python -m pytest -q
 
 check: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-slow: install
+test-slow: install $(HF_STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 # The whole pipeline on the embedded default, in ~30 min on two cores from a fresh clone: cut a student from the
@@ -54,7 +64,8 @@ demo: install peer
 	$(BIN)/nano info gemma3-270m
 	$(BIN)/nano corpus --split heldout --max-chars 8000 --out $(DEMO_TEXT)
 	$(BIN)/nano prune gemma3-270m --out $(DEMO_DIR)/pruned $(STUDENT_PRUNE)
-	$(BIN)/nano distill $(HEAL_DATA) --student $(DEMO_DIR)/pruned --lr $(HEAL_LR) --warmup-steps 2 --eval-every $(HEAL_STEPS) \
+	$(BIN)/nano distill $(HEAL_DATA) --student $(DEMO_DIR)/pruned --alpha $(HEAL_ALPHA) --lr $(HEAL_LR) --warmup-steps 2 \
+	  --eval-every $(HEAL_STEPS) \
 	  --eval-batches 2 --out $(DEMO_DIR)/distill
 	$(BIN)/nano quantize $(DEMO_DIR)/distill/final --method gptq --samples 32 --no-eval --out $(DEMO_DIR)/student-int4
 	$(BIN)/nano quantize gemma3-270m --method gptq --samples 32 --no-eval --out $(DEMO_DIR)/teacher-int4
@@ -63,6 +74,7 @@ demo: install peer
 	$(BIN)/nano bench $(DEMO_DIR)/teacher-int4.litertlm $(DEMO_DIR)/student-int4.litertlm --backend litert-lm \
 	  --text $(DEMO_TEXT) --vs-gguf gemma3-270m --report $(DEMO_DIR)/report > /dev/null
 	cat $(DEMO_DIR)/report/bench.md
+	@echo "Try them side by side: $(BIN)/nano serve $(DEMO_DIR)/student-int4.litertlm $(DEMO_DIR)/teacher-int4.litertlm   (then open http://127.0.0.1:8000/)"
 
 # llama.cpp, the peer `nano bench --vs-gguf` runs: llama-cpp-python built from source (~7 min) for this CPU's
 # AVX2 / AVX-512 without AMX (code that executed AMX instructions crashed on these machines) and without -march=native.
@@ -91,7 +103,7 @@ distill: install
 	$(BIN)/nano corpus --split heldout --max-chars 40000 --out $(DISTILL_DIR)/heldout.txt
 	$(BIN)/nano prune gemma3-270m --out $(DISTILL_DIR)/student $(STUDENT_PRUNE)
 	$(BIN)/nano distill cache-teacher $(HEAL_DATA) --student $(DISTILL_DIR)/student --out $(DISTILL_DIR)/teacher-cache
-	$(BIN)/nano distill $(HEAL_DATA) $(HEAL_RUN) --student $(DISTILL_DIR)/student \
+	$(BIN)/nano distill $(HEAL_DATA) $(HEAL_RUN) --student $(DISTILL_DIR)/student --alpha $(HEAL_ALPHA) \
 	  --teacher-cache $(DISTILL_DIR)/teacher-cache --out $(DISTILL_DIR)/kd
 	$(BIN)/nano distill $(HEAL_DATA) $(HEAL_RUN) --student $(DISTILL_DIR)/student --loss ce --out $(DISTILL_DIR)/ce
 	$(BIN)/nano report distill $(DISTILL_DIR)/kd $(DISTILL_DIR)/ce --out $(DISTILL_DIR)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cli import bench, distill, export, model, prune, quantize, report
+from cli import app, bench, distill, export, model, prune, quantize, report, verify
 from cli.common import CONTEXT, Group
 
 
@@ -19,7 +19,7 @@ def cli():
 
 
 for command in (*model.COMMANDS, prune.prune_cmd, *distill.COMMANDS, quantize.quantize_cmd, export.export_cmd, bench.bench_cmd,
-                report.report_group):
+                report.report_group, *app.COMMANDS, verify.verify_cmd):
     cli.add_command(command)
 
 

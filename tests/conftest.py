@@ -59,3 +59,19 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "teacher_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
+    """A `student` (the tiny model) and a `teacher` (`tiny` seeded 1, so their greedy text differs): {name: (model
+    directory, float32 .litertlm with a 64-token context)}, for `nano serve` and `nano chat`."""
+    from export.run import export
+    from export.settings import ExportSettings
+
+    root = tmp_path_factory.mktemp("pair")
+    teacher_dir = save_model(init_model(TINY, seed=1), tiny_tokenizer, root / "teacher")
+    pair = {}
+    for name, model_dir in (("student", tiny_model_dir), ("teacher", teacher_dir)):
+        export(str(model_dir), root / f"{name}.litertlm", ExportSettings(prefill_lengths=(4, 16), max_tokens=64))
+        pair[name] = (model_dir, root / f"{name}.litertlm")
+    return pair

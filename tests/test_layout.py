@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).parent.parent
 FLOOR = "nano"
-PACKAGES = ("nano", "prune", "distill", "quantize", "export", "bench", "cli")
+PACKAGES = ("nano", "prune", "distill", "quantize", "export", "bench", "serve", "cli")
 
 
 def _imports(path: Path) -> list[tuple[str, list[str]]]:
