@@ -80,6 +80,7 @@ def test_tiny_preset_round_trip(tiny_model_dir, tmp_path):
     _assert_same_model(tiny_model_dir, back)
 
 
+@pytest.mark.slow
 def test_every_setting_round_trip(every_setting, every_setting_gguf):
     _assert_same_model(every_setting, every_setting_gguf[1])
     # GGUF stores the epsilon as float32; everything else comes back as it was.
@@ -87,6 +88,7 @@ def test_every_setting_round_trip(every_setting, every_setting_gguf):
     assert load_config(every_setting_gguf[1]) == dataclasses.replace(src, norm_eps=float(np.float32(src.norm_eps)))
 
 
+@pytest.mark.slow
 def test_depth_pruned_pattern_round_trip(tiny_tokenizer, tmp_path):
     """Layers 0, 1, 3 of tiny's local/global/local/global: local, global, global, which no period describes; the
     file lists one bool per layer (true: sliding window), as llama.cpp reads it."""
@@ -101,6 +103,7 @@ def test_regular_pattern_is_a_period(every_setting_gguf):
     assert _fields(every_setting_gguf[0])[_key(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN)] == TINY.global_every
 
 
+@pytest.mark.slow
 def test_all_global_round_trip(tiny_tokenizer, tmp_path):
     src = sm.write_model(tmp_path / "src", dataclasses.replace(TINY, sliding_window=None), tiny_tokenizer)
     path, back = _round_trip(src, tmp_path)
@@ -110,6 +113,7 @@ def test_all_global_round_trip(tiny_tokenizer, tmp_path):
     _assert_same_model(src, back)
 
 
+@pytest.mark.slow
 def test_trimmed_vocabulary_round_trip(tiny_tokenizer, tmp_path):
     keep = sm.trimmed_vocab_ids(tiny_tokenizer)
     src = sm.write_model(tmp_path / "src", TINY, tiny_tokenizer, vocab=keep)
@@ -121,6 +125,7 @@ def test_trimmed_vocabulary_round_trip(tiny_tokenizer, tmp_path):
     assert [trimmed.id_to_piece(i) for i in range(400)] == [tiny_tokenizer.id_to_piece(int(i)) for i in keep]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, qtype, cast", [("f16", Q.F16, np.float16), ("bf16", Q.BF16, None)])
 def test_half_precision(every_setting, tmp_path, dtype, qtype, cast):
     import ml_dtypes
@@ -184,6 +189,7 @@ def test_tensor_names_and_shapes(every_setting_gguf):
     assert shape("blk.1.attn_k_norm.weight") == [c.head_dim]
 
 
+@pytest.mark.slow
 def test_user_defined_pieces_carry_spaces(tiny_tokenizer, tmp_path):
     """llama.cpp's converter stores a user-defined piece's '▁' as ' '; the import turns it back."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2

@@ -240,6 +240,7 @@ def _piece_starts(tokenizer: Tokenizer, text: str) -> dict[int, int]:
     return {p.begin: p.id for p in tokenizer.sp.encode(text, return_type="proto").pieces}
 
 
+@pytest.mark.slow
 def test_first_pieces_are_how_the_student_spells_dropped_pieces(teacher_tok, teacher_4k):
     """A teacher piece the student dropped maps to the student piece its text begins with. The reason for it: in
     running text the student's piece at the place where the teacher's dropped one starts is that piece (so the

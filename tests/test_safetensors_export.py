@@ -72,6 +72,7 @@ def test_tiny_preset_round_trip(tiny_model_dir, tmp_path):
     assert (out / "tokenizer.model").read_bytes() == (tiny_model_dir / "tokenizer.model").read_bytes()
 
 
+@pytest.mark.slow
 def test_every_setting_round_trip(every_setting, tmp_path):
     _, back = _round_trip(every_setting, tmp_path)
     _assert_same_model(every_setting, back)
@@ -79,6 +80,7 @@ def test_every_setting_round_trip(every_setting, tmp_path):
     assert load_config(back) == dataclasses.replace(src, query_pre_attn_scalar=float(src.head_dim))
 
 
+@pytest.mark.slow
 def test_depth_pruned_layer_types(tiny_tokenizer, tmp_path):
     src = sm.write_model(tmp_path / "src", TINY, tiny_tokenizer, layers=[0, 1, 3])
     out, back = _round_trip(src, tmp_path)
@@ -89,6 +91,7 @@ def test_depth_pruned_layer_types(tiny_tokenizer, tmp_path):
     _assert_same_model(src, back)
 
 
+@pytest.mark.slow
 def test_all_global_round_trip(tiny_tokenizer, tmp_path):
     src = sm.write_model(tmp_path / "src", dataclasses.replace(TINY, sliding_window=None), tiny_tokenizer)
     out, back = _round_trip(src, tmp_path)
@@ -96,6 +99,7 @@ def test_all_global_round_trip(tiny_tokenizer, tmp_path):
     _assert_same_model(src, back)
 
 
+@pytest.mark.slow
 def test_trimmed_vocabulary_round_trip(tiny_tokenizer, tmp_path):
     src = sm.write_model(tmp_path / "src", TINY, tiny_tokenizer, vocab=sm.trimmed_vocab_ids(tiny_tokenizer))
     out, back = _round_trip(src, tmp_path)
@@ -104,6 +108,7 @@ def test_trimmed_vocabulary_round_trip(tiny_tokenizer, tmp_path):
     _assert_same_model(src, back)
 
 
+@pytest.mark.slow
 def test_sharded_past_the_limit(every_setting, tmp_path):
     out, back = _round_trip(every_setting, tmp_path, shard_bytes=40_000)
     index = json.loads((out / INDEX).read_text())
