@@ -177,6 +177,7 @@ def test_rest_target_merges_the_other_tokens_into_one_outcome(kind, beta):
            kd_per_token(student, teacher, kind=kind, beta=beta), 2e-5)
 
 
+@pytest.mark.slow
 def test_rest_target_is_least_at_the_teacher():
     """Against a flat teacher's top 8, renormalising pulls a student that already is the teacher away from it;
     with the rest as an outcome the loss is 0 there and so is its gradient."""
@@ -239,6 +240,7 @@ def test_trimmed_vocabulary_target_against_float64(kind, beta):
     _close(kd_per_token(np.log(p), sparse, kind=kind, beta=beta, rest=True), 0.0, 2e-4)
 
 
+@pytest.mark.slow
 def test_trimmed_vocabulary_draws_are_the_same_in_chunks():
     """The online teacher's chunked walk with a fold map: the same student ids and log-probs as one pass."""
     from distill.losses import sparse_from_hidden
@@ -272,6 +274,7 @@ def test_top_k_picks_the_largest():
     assert np.all(np.diff(np.asarray(top.logprobs), axis=-1) <= 0)  # largest first
 
 
+@pytest.mark.slow
 def test_sampled_ids_are_distinct_from_the_support_and_follow_the_teacher():
     probs = np.array([0.5, 0.25, 0.15, 0.1, 0.0, 0.0])  # two ids the teacher never produces
     n = 40_000

@@ -126,6 +126,7 @@ def test_read_jsonl_drops_torn_last_line_only(tmp_path):
         read_jsonl(path)
 
 
+@pytest.mark.slow
 def test_cli(runs, tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run([sys.executable, "-m", "cli.main", "report", "distill", str(runs["base"]), str(runs["kd"]),

@@ -75,6 +75,7 @@ def every_setting_gguf(every_setting, tmp_path_factory):
 
 # --- Round trips ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tiny_preset_round_trip(tiny_model_dir, tmp_path):
     _, back = _round_trip(tiny_model_dir, tmp_path)
     _assert_same_model(tiny_model_dir, back)
