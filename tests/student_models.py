@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hf_tiny import TOKENS, training_text
-from nano.checkpoint import flat_params, load_model_dir, save_model_dir
+from nano.checkpoint import flat_params, load_config, load_model_dir, save_model_dir
 from nano.config import TINY, ModelConfig
 from nano.model import init_model
 from nano.tokenizer import Tokenizer
@@ -67,3 +67,17 @@ def logits(model_dir: Path, tokens=None) -> np.ndarray:
 def params(model_dir: Path) -> dict[str, np.ndarray]:
     model, _ = load_model_dir(model_dir)
     return {k: np.asarray(v) for k, v in flat_params(model).items()}
+
+
+def assert_same_model(src: Path, back: Path) -> float:
+    """A round trip's result equals its source: parameters bit for bit, layer kinds, query scale, logits within
+    1e-5; returns the largest logit difference."""
+    ours, theirs = params(src), params(back)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_array_equal(theirs[name], ours[name], err_msg=name)
+    assert load_config(back).layer_types == load_config(src).layer_types
+    assert load_config(back).query_scale == load_config(src).query_scale
+    delta = float(np.abs(logits(back) - logits(src)).max())
+    assert delta <= 1e-5, delta
+    return delta

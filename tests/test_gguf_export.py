@@ -51,18 +51,6 @@ def _round_trip(src: Path, tmp: Path, **kwargs) -> tuple[Path, Path]:
     return path, import_gguf(path, tmp / "back")
 
 
-def _assert_same_model(src: Path, back: Path) -> float:
-    """Parameters bit for bit, layer kinds, logits within 1e-5; returns the largest logit difference."""
-    ours, theirs = sm.params(src), sm.params(back)
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        np.testing.assert_array_equal(theirs[name], ours[name], err_msg=name)
-    assert load_config(back).layer_types == load_config(src).layer_types
-    delta = float(np.abs(sm.logits(back) - sm.logits(src)).max())
-    assert delta <= 1e-5, delta
-    return delta
-
-
 @pytest.fixture(scope="module")
 def every_setting(tmp_path_factory, tiny_tokenizer):
     return sm.write_model(tmp_path_factory.mktemp("src") / "model", sm.EVERY_SETTING, tiny_tokenizer)
@@ -78,12 +66,12 @@ def every_setting_gguf(every_setting, tmp_path_factory):
 @pytest.mark.slow
 def test_tiny_preset_round_trip(tiny_model_dir, tmp_path):
     _, back = _round_trip(tiny_model_dir, tmp_path)
-    _assert_same_model(tiny_model_dir, back)
+    sm.assert_same_model(tiny_model_dir, back)
 
 
 @pytest.mark.slow
 def test_every_setting_round_trip(every_setting, every_setting_gguf):
-    _assert_same_model(every_setting, every_setting_gguf[1])
+    sm.assert_same_model(every_setting, every_setting_gguf[1])
     # GGUF stores the epsilon as float32; everything else comes back as it was.
     src = load_config(every_setting)
     assert load_config(every_setting_gguf[1]) == dataclasses.replace(src, norm_eps=float(np.float32(src.norm_eps)))
@@ -97,7 +85,7 @@ def test_depth_pruned_pattern_round_trip(tiny_tokenizer, tmp_path):
     assert load_config(src).layer_types == (LOCAL, GLOBAL, GLOBAL)
     path, back = _round_trip(src, tmp_path)
     assert _fields(path)[_key(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN)] == [True, False, False]
-    _assert_same_model(src, back)
+    sm.assert_same_model(src, back)
 
 
 def test_regular_pattern_is_a_period(every_setting_gguf):
@@ -111,7 +99,7 @@ def test_all_global_round_trip(tiny_tokenizer, tmp_path):
     fields = _fields(path)
     assert _key(gguf.Keys.Attention.SLIDING_WINDOW) not in fields  # llama.cpp: no window, every layer global
     assert load_config(back).sliding_window is None
-    _assert_same_model(src, back)
+    sm.assert_same_model(src, back)
 
 
 @pytest.mark.slow
@@ -120,7 +108,7 @@ def test_trimmed_vocabulary_round_trip(tiny_tokenizer, tmp_path):
     src = sm.write_model(tmp_path / "src", TINY, tiny_tokenizer, vocab=keep)
     path, back = _round_trip(src, tmp_path)
     assert len(_fields(path)[gguf.Keys.Tokenizer.LIST]) == 400
-    _assert_same_model(src, back)
+    sm.assert_same_model(src, back)
     trimmed, again = Tokenizer.load(src / "tokenizer.model"), Tokenizer.load(back / "tokenizer.model")
     assert tokenizer_fields(again) == tokenizer_fields(trimmed)
     assert [trimmed.id_to_piece(i) for i in range(400)] == [tiny_tokenizer.id_to_piece(int(i)) for i in keep]

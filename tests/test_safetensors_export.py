@@ -38,18 +38,6 @@ def _round_trip(src: Path, tmp: Path, **kwargs) -> tuple[Path, Path]:
     return out, import_safetensors(out, tmp / "back")
 
 
-def _assert_same_model(src: Path, back: Path) -> float:
-    ours, theirs = sm.params(src), sm.params(back)
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        np.testing.assert_array_equal(theirs[name], ours[name], err_msg=name)
-    assert load_config(back).layer_types == load_config(src).layer_types
-    assert load_config(back).query_scale == load_config(src).query_scale
-    delta = float(np.abs(sm.logits(back) - sm.logits(src)).max())
-    assert delta <= 1e-5, delta
-    return delta
-
-
 def _tensors(directory: Path) -> dict[str, np.ndarray]:
     out = {}
     for file in sorted(directory.glob("*.safetensors")):
@@ -66,7 +54,7 @@ def every_setting(tmp_path_factory, tiny_tokenizer):
 
 def test_tiny_preset_round_trip(tiny_model_dir, tmp_path):
     out, back = _round_trip(tiny_model_dir, tmp_path)
-    _assert_same_model(tiny_model_dir, back)
+    sm.assert_same_model(tiny_model_dir, back)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                      "tokenizer.model"]
     assert (out / "tokenizer.model").read_bytes() == (tiny_model_dir / "tokenizer.model").read_bytes()
@@ -75,7 +63,7 @@ def test_tiny_preset_round_trip(tiny_model_dir, tmp_path):
 @pytest.mark.slow
 def test_every_setting_round_trip(every_setting, tmp_path):
     _, back = _round_trip(every_setting, tmp_path)
-    _assert_same_model(every_setting, back)
+    sm.assert_same_model(every_setting, back)
     src = load_config(every_setting)  # Hugging Face spells the query scale out (query_pre_attn_scalar)
     assert load_config(back) == dataclasses.replace(src, query_pre_attn_scalar=float(src.head_dim))
 
@@ -88,7 +76,7 @@ def test_depth_pruned_layer_types(tiny_tokenizer, tmp_path):
     assert config["layer_types"] == ["sliding_attention", "full_attention", "full_attention"]
     assert "sliding_window_pattern" not in config  # no period describes it
     assert load_config(back).layer_types == (LOCAL, GLOBAL, GLOBAL)
-    _assert_same_model(src, back)
+    sm.assert_same_model(src, back)
 
 
 @pytest.mark.slow
@@ -96,7 +84,7 @@ def test_all_global_round_trip(tiny_tokenizer, tmp_path):
     src = sm.write_model(tmp_path / "src", dataclasses.replace(TINY, sliding_window=None), tiny_tokenizer)
     out, back = _round_trip(src, tmp_path)
     assert json.loads((out / "config.json").read_text())["layer_types"] == ["full_attention"] * 4
-    _assert_same_model(src, back)
+    sm.assert_same_model(src, back)
 
 
 @pytest.mark.slow
@@ -105,7 +93,7 @@ def test_trimmed_vocabulary_round_trip(tiny_tokenizer, tmp_path):
     out, back = _round_trip(src, tmp_path)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 400
     assert (back / "tokenizer.model").read_bytes() == (src / "tokenizer.model").read_bytes()
-    _assert_same_model(src, back)
+    sm.assert_same_model(src, back)
 
 
 @pytest.mark.slow
@@ -124,7 +112,7 @@ def test_sharded_past_the_limit(every_setting, tmp_path):
         tensors.update(shard)
     assert set(tensors) == set(index["weight_map"])
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
-    _assert_same_model(every_setting, back)
+    sm.assert_same_model(every_setting, back)
 
 
 def test_norm_convention_is_exact_from_one_half():
