@@ -7,6 +7,7 @@ import json
 import click
 
 from nano.errors import NanoError, drop_closed_loop_reports
+from nano.files import disk_full_as_error
 
 DTYPES = ("float32", "bfloat16")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -14,12 +15,14 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 class OneLineErrors:
     """Mixed into a click command or group: a NanoError anywhere below becomes one `Error: ...` line and exit
-    status 1 (the `nano` group, and `nano-export` run on its own)."""
+    status 1 (the `nano` group, and `nano-export` run on its own), and so does a write that found the disk full
+    (every stage writes under temporary names, so nothing is left under a final one)."""
 
     def invoke(self, ctx):
         drop_closed_loop_reports()  # every command that reads a checkpoint (a run's resume too) ends in one line
         try:
-            return super().invoke(ctx)
+            with disk_full_as_error():
+                return super().invoke(ctx)
         except NanoError as e:
             raise click.ClickException(str(e)) from None
 

@@ -8,6 +8,8 @@ import json
 
 import click
 
+from nano.errors import NanoError
+
 from cli.common import CONTEXT, Group
 from distill.settings import DTYPES, LOSS_KINDS, REMAT, SAMPLE_MODES, SPARSE_TARGETS, DistillSettings
 from nano.quant_scheme import EMBEDDINGS
@@ -57,7 +59,38 @@ def _settings(**kwargs) -> DistillSettings:
 def _distributed(coordinator, num_processes, process_id):
     import jax
 
+    from nano.ui import console
+
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    console.quiet = jax.process_index() > 0  # one progress display: process 0's
+
+
+def _leave_distributed_run(error: Exception, out: str) -> None:
+    """A process of a distributed run that fails leaves at once, in one line. Exiting normally would wait in
+    jax.distributed's shutdown barrier for processes that will never reach it, until its heartbeat timeout aborts
+    the process with a stack dump; and the other processes learn of it the moment this one's connections close
+    (their next collective fails here too)."""
+    import os
+    import sys
+    import traceback
+
+    import jax
+
+    from distill.checkpoints import committed_steps
+
+    if isinstance(error, jax.errors.JaxRuntimeError):  # a collective failed: a peer died, or its host did
+        steps = committed_steps(out)
+        where = f"its last checkpoint is step {steps[-1]}" if steps else "it had saved no checkpoint yet"
+        why = str(error).splitlines()[0][:200]
+        message = (f"another process of this distributed run stopped ({why}); {where} in {out}/checkpoints: start "
+                   "every process again with --resume")
+    elif isinstance(error, NanoError):
+        message = str(error)
+    else:  # a bug: its traceback, then leave like the rest
+        traceback.print_exception(error)
+        message = f"{type(error).__name__}: {error}"
+    print(f"Error: process {jax.process_index()}: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 @click.group("distill", cls=Group, invoke_without_command=True, context_settings=CONTEXT)
@@ -100,7 +133,8 @@ def _distributed(coordinator, num_processes, process_id):
 @click.option("--checkpoint-every", default=DEFAULTS.checkpoint_every, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--distributed", is_flag=True,
-              help="Multi-host: jax.distributed.initialize() (coordinator from the cluster or the options below).")
+              help="Several processes (hosts): jax.distributed.initialize(), coordinator from the cluster or the "
+                   "options below. Every process runs the same command; --out must be one directory all see.")
 @click.option("--coordinator", help="host:port of process 0 (with --distributed).")
 @click.option("--num-processes", type=int)
 @click.option("--process-id", type=int)
@@ -131,7 +165,14 @@ def distill_cmd(ctx, out, resume, distributed, coordinator, num_processes, proce
     from distill.run import distill
 
     settings = _settings(**kwargs)
-    report = distill(settings, out, resume=resume)
+    try:
+        report = distill(settings, out, resume=resume)
+    except Exception as e:
+        if not distributed:
+            raise
+        _leave_distributed_run(e, out)
+    if not report:  # not process 0, which reports for all
+        return
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

@@ -3,10 +3,15 @@
 A resumed run restores parameters, optimizer, step, RNG and the data iterator's position, and drops metric and
 eval lines written after its checkpoint, so the files of a killed-and-resumed run equal an uninterrupted one's
 (up to the timing fields).
+
+Several processes (`jax.distributed`, a mesh over all their devices) run the same loop in step: each builds the
+same batches and hands its devices their share, all of them save each checkpoint together (Orbax), and process 0
+alone writes the run's files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -22,7 +27,7 @@ from jax.sharding import Mesh
 
 from distill.checkpoints import RunCheckpoints
 from distill.settings import EVAL_FILE, METRICS_FILE
-from distill.sharding import make_mesh
+from distill.sharding import make_mesh, step_batch_sharding, to_global
 from distill.step import (LossFn, OptimConfig, ParamTransform, init_state, make_optimizer, make_schedule,
                           make_train_step)
 from nano.config import ModelConfig
@@ -77,9 +82,19 @@ def next_step_batch(iterator, accum: int) -> dict:
 
 
 def _truncate(path: Path, last_step: int) -> None:
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in lines))
+    """Keep the lines of steps up to `last_step`. A line cut short (the disk filled while it was written) ends the
+    file: it and anything after it are dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if record["step"] <= last_step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))
 
 
 def train(job: TrainJob, run_dir: str | Path, *, resume: bool = False):
@@ -97,8 +112,10 @@ def train(job: TrainJob, run_dir: str | Path, *, resume: bool = False):
         state, data_state = checkpoints.restore(state)
     iterator = datasets.train_iterator(data_state)
     metrics_path, eval_path = run_dir / METRICS_FILE, run_dir / EVAL_FILE
-    for path in (metrics_path, eval_path):
-        _truncate(path, int(state.step))
+    primary = jax.process_index() == 0
+    if primary:
+        for path in (metrics_path, eval_path):
+            _truncate(path, int(state.step))
     step_fn = make_train_step(graphdef, optimizer, job.loss_fn, mesh, shardings,
                               compute_dtype=getattr(jnp, cfg.compute_dtype), remat=cfg.remat,
                               param_transform=job.param_transform)
@@ -109,12 +126,14 @@ def train(job: TrainJob, run_dir: str | Path, *, resume: bool = False):
     def run_eval(step: int) -> None:
         model = nnx.merge(graphdef, view(state.params))
         record = {"step": step, "tokens_seen": step * tokens_per_step, **job.evaluate(model)}
-        with eval_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if primary:
+            with eval_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
         console.print(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                          if k not in ("step", "tokens_seen")))
 
-    with progress_bar(speed=True) as bar, metrics_path.open("a") as log:
+    batch_layout = step_batch_sharding(mesh)
+    with progress_bar(speed=True) as bar, (metrics_path.open("a") if primary else contextlib.nullcontext()) as log:
         task = bar.add_task("training", total=cfg.steps, completed=int(state.step), speed="")
         while int(state.step) < cfg.steps:
             start = time.perf_counter()  # the whole step: data, teacher, on-policy sampling and the update
@@ -122,7 +141,7 @@ def train(job: TrainJob, run_dir: str | Path, *, resume: bool = False):
             batch = next_step_batch(iterator, cfg.grad_accum)
             if job.prepare is not None:
                 batch = job.prepare(batch, step, state.params)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, to_global(batch, batch_layout))
             record = {"step": step + 1, **{k: float(v) for k, v in jax.device_get(metrics).items()},
                       "lr": float(schedule(step))}
             seconds = time.perf_counter() - start
@@ -130,8 +149,9 @@ def train(job: TrainJob, run_dir: str | Path, *, resume: bool = False):
                           seconds=seconds, on_policy=bool("ce_weights" in batch))
             if job.flops_per_token and job.peak_flops:
                 record["mfu"] = job.flops_per_token * record["tokens_per_s"] / job.peak_flops
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            if primary:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
             step += 1
             if job.evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 run_eval(step)

@@ -187,9 +187,7 @@ def measure(student: ModelConfig, teacher: ModelConfig | None, settings: PlanSet
     step's arguments, outputs and temporaries (the donated state counted once), and the teacher's scoring beside
     the student's state. Needs jax.device_count() == settings.devices."""
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from distill.sharding import batch_sharding, make_mesh, model_shardings, replicated
+    from distill.sharding import make_mesh, model_shardings, replicated, step_batch_sharding
     from distill.teacher import OnlineTeacher, make_loss
     from distill.step import (OptimConfig, abstract_state, make_optimizer, make_train_step, model_graphdef,
                                state_shardings)
@@ -219,8 +217,7 @@ def measure(student: ModelConfig, teacher: ModelConfig | None, settings: PlanSet
         scorer = OnlineTeacher(nnx.merge(graphdef, teacher_state), k=settings.top_k, vocab_chunk=settings.vocab_chunk)
         on_mesh = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
         weights = jax.tree.map(on_mesh, scorer.state, model_shardings(scorer.state, mesh))
-        rows = NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh).spec))
-        text = {k: on_mesh(batch[k], rows) for k in ("tokens", "positions", "segment_ids")}
+        text = {k: on_mesh(batch[k], step_batch_sharding(mesh)) for k in ("tokens", "positions", "segment_ids")}
         keys = on_mesh(jax.ShapeDtypeStruct((settings.grad_accum, 2), jnp.uint32), replicated(mesh))
         score = scorer._score.lower(weights, text, keys).compile().memory_analysis()
         out["teacher_params"] = score.argument_size_in_bytes

@@ -29,6 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from distill.data import Datasets, make_datasets
@@ -38,7 +39,7 @@ from distill.mfu import forward_flops_per_token, measure_peak_flops, train_flops
 from distill.report import plot_run, read_jsonl
 from distill.settings import (EVAL_FILE, FINAL_DIR, METRICS_FILE, REPORT_FILE, RUN_FILE, DistillSettings,
                               qat_scheme)
-from distill.sharding import make_mesh, model_shardings
+from distill.sharding import make_mesh, model_shardings, replicated, to_global
 from distill.step import OptimConfig, fake_quantizer, model_graphdef
 from distill.teacher import OnlineTeacher, make_loss, random_teacher
 from distill.teacher_cache import CachedTeacher, cache_teacher, held_steps
@@ -46,7 +47,7 @@ from nano.checkpoint import TOKENIZER_FILE, flat_params, model_from_flat, param_
 from nano.config import GEMMA3_270M, ModelConfig
 from nano.errors import NanoError
 from nano.evaluate import Evaluator
-from nano.files import read_text
+from nano.files import disk_full_as_error, read_text, write_text
 from nano.model import Decoder
 from nano.perplexity import perplexity
 from nano.quant import quantize_params
@@ -201,7 +202,8 @@ def _job(ctx: RunContext) -> TrainJob:
     loss = make_loss(kind=s.loss, alpha=s.alpha, temperature=s.temperature, beta=s.beta, vocab_chunk=s.vocab_chunk,
                      rest=ctx.sparse_target == "rest")
     qat = _qat_specs(s, config)
-    evaluator = Evaluator(ctx.datasets.heldout_batches(max_batches=s.eval_batches), teacher_model=ctx.teacher,
+    heldout = to_global(ctx.datasets.heldout_batches(max_batches=s.eval_batches), replicated(ctx.mesh))
+    evaluator = Evaluator(heldout, teacher_model=ctx.teacher,
                           token_bytes=ctx.tokenizer.token_bytes, vocab=ctx.vocab)
     init = ctx.student_params
     return TrainJob(config, ctx.datasets, loss, loop, mesh=ctx.mesh,
@@ -218,28 +220,44 @@ def distill(settings: DistillSettings, run_dir: str | Path, *, resume: bool = Fa
         raise NanoError(f"--teacher-cache {settings.teacher_cache} is not a teacher cache (no manifest.json); "
                         f"make one with `nano distill cache-teacher`")
     _check_run_dir(run_dir, settings, resume)
+    if jax.process_count() > 1:
+        if settings.on_policy_fraction > 0:
+            raise NanoError("--on-policy-fraction runs in one process only (its sampler reads the whole batch)")
+        multihost_utils.sync_global_devices("run directory checked")  # by every process before one writes it
+    primary = jax.process_index() == 0  # writes the run's files; every process computes the same
     started = time.perf_counter()
     ctx = RunContext.build(settings)
     job = _job(ctx)
     # Only now, with every input checked, does the run directory appear.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_FILE).write_text(settings.to_json())
+    if primary:
+        write_text(run_dir / RUN_FILE, settings.to_json())
+    with disk_full_as_error(where=run_dir, then="continue the run with --resume"):
+        return _train_and_save(ctx, job, run_dir, resume=resume, primary=primary, started=started)
+
+
+def _train_and_save(ctx: RunContext, job: TrainJob, run_dir: Path, *, resume: bool, primary: bool,
+                    started: float) -> dict:
+    """Train, then write the student and the report (process 0; the others compute the same and return {})."""
+    settings = ctx.settings
     graphdef, state = train(job, run_dir, resume=resume)
-    student = nnx.merge(graphdef, state.params)
+    # On the host, whole: the parameters may be split over devices of several processes.
+    student = nnx.merge(graphdef, multihost_utils.process_allgather(state.params, tiled=True))
     provenance = {"distill.json": json.dumps({"run": str(run_dir), **dataclasses.asdict(settings)}, indent=2)}
-    save_model(student, ctx.tokenizer, run_dir / FINAL_DIR, overwrite=True, extra=provenance)
+    if primary:
+        save_model(student, ctx.tokenizer, run_dir / FINAL_DIR, overwrite=True, extra=provenance)
     if settings.qat:  # the deployable student; the text figures below are of it
         student = _save_quantized(student, ctx.tokenizer, settings, run_dir / f"{FINAL_DIR}-{settings.qat}",
-                                  provenance)
+                                  provenance, write=primary)
     texts = {}
     for path in settings.eval_text:
         with status(f"perplexity on {path}"):
             texts[Path(path).name] = perplexity(student, ctx.tokenizer, read_text(path), window=settings.seq_len)
+    if not primary:
+        return {}
     report = _report(run_dir, ctx, job, texts, time.perf_counter() - started)
-    (run_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    write_text(run_dir / REPORT_FILE, json.dumps(report, indent=2))
     plot_run(run_dir)
     return report
-
 
 def _qat_specs(settings: DistillSettings, config):
     if settings.qat is None:
@@ -247,14 +265,15 @@ def _qat_specs(settings: DistillSettings, config):
     return qat_scheme(settings.qat).tensor_specs(param_shapes(config), embeddings=settings.qat_embeddings)
 
 
-def _save_quantized(student, tokenizer, settings: DistillSettings, out: Path, extra: dict):
+def _save_quantized(student, tokenizer, settings: DistillSettings, out: Path, extra: dict, *, write: bool):
     """RTN onto the grid the run trained for: the codes the last forward pass used."""
     scheme = qat_scheme(settings.qat)
     params = quantize_params(flat_params(student), _qat_specs(settings, student.config))
     info = {"method": "rtn", "scheme": scheme.name, "settings": {"block_size": scheme.block_size,
                                                                   "embeddings": settings.qat_embeddings},
             "source": {"model": str(out.parent / FINAL_DIR), "qat": settings.qat}}
-    save_model_dir(student.config, params, tokenizer, out, overwrite=True, extra=extra, quant_info=info)
+    if write:
+        save_model_dir(student.config, params, tokenizer, out, overwrite=True, extra=extra, quant_info=info)
     return model_from_flat(student.config, params)
 
 

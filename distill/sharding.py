@@ -75,9 +75,23 @@ def model_shardings(state, mesh: Mesh):
         lambda path, x: NamedSharding(mesh, param_spec(param_name(path), x.shape, mesh)), state)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batches [global_batch, ...] split along the batch dimension over data × fsdp."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+def step_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """A step's batches [accum, global_batch, ...]: each micro-batch split along its batch dimension over
+    data × fsdp."""
+    return NamedSharding(mesh, P(None, BATCH_AXES))
+
+
+def to_global(tree, sharding: NamedSharding):
+    """Host (numpy) leaves of `tree` as jax.Arrays laid out by `sharding`; jax.Arrays pass through. Every process
+    holds the same host value (each builds the same batches from the same data) and hands over the part its own
+    devices hold: jit refuses host arrays for a mesh that spans processes."""
+    def place(x):
+        if isinstance(x, jax.Array):
+            return x
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(place, tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from distill.sharding import batch_sharding, param_name, param_spec, replicated
+from distill.sharding import param_name, param_spec, replicated, step_batch_sharding
 from nano.config import ModelConfig
 from nano.model import Decoder
 from nano.quant_scheme import QuantSpec
@@ -162,7 +162,5 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
         metrics.update(loss=jnp.mean(losses), grad_norm=optax.tree.norm(grads))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
-    data = batch_sharding(mesh)
-    accum_data = NamedSharding(mesh, jax.sharding.PartitionSpec(None, *data.spec))
-    return jax.jit(step, in_shardings=(shardings, accum_data), out_shardings=(shardings, replicated(mesh)),
-                   donate_argnums=(0,))
+    return jax.jit(step, in_shardings=(shardings, step_batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))

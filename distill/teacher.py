@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from distill.losses import SparseTeacher, distill_loss_from_hidden, sparse_from_hidden
-from distill.sharding import batch_sharding, model_shardings, replicated
+from distill.sharding import model_shardings, replicated, step_batch_sharding, to_global
 from nano.config import ModelConfig
 from nano.model import Decoder, abstract_model
 from nano.tokenizer import TrimmedVocab
@@ -56,18 +57,23 @@ class OnlineTeacher:
             return sparse.ids, sparse.logprobs
 
         score = jax.vmap(score, in_axes=(None, 0, 0))  # over the accumulation axis
+        self.rows = None
         if mesh is None:
             self._score = jax.jit(score)
             return
         shardings = model_shardings(self.state, mesh)
         self.state = jax.device_put(self.state, shardings)
-        rows = NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh).spec))  # [accum, batch, ...]
-        self._score = jax.jit(score, in_shardings=(shardings, rows, replicated(mesh)), out_shardings=(rows, rows))
+        self.rows = step_batch_sharding(mesh)
+        self._score = jax.jit(score, in_shardings=(shardings, self.rows, replicated(mesh)),
+                              out_shardings=(self.rows, self.rows))
 
     def __call__(self, batch: dict, step: int) -> dict:
         accum = batch["tokens"].shape[0]
         keys = jax.random.split(jax.random.fold_in(self.key, step), accum)  # a function of the step: resumable
-        ids, logprobs = self._score(self.state, batch, keys)
+        text = {k: batch[k] for k in ("tokens", "positions", "segment_ids")}
+        if self.rows is not None:  # laid out on the mesh, which may span processes
+            text, keys = to_global(text, self.rows), to_global(np.asarray(keys), replicated(self.rows.mesh))
+        ids, logprobs = self._score(self.state, text, keys)
         return {**batch, "teacher_ids": ids, "teacher_logprobs": logprobs}
 
 

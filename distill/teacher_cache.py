@@ -28,7 +28,7 @@ import numpy as np
 
 from distill.loop import next_step_batch  # the loop's own stacking, so the cache's step n is the loop's step n
 from nano.errors import NanoError
-from nano.files import atomic_write, directory_bytes
+from nano.files import atomic_write, directory_bytes, disk_full_as_error
 from nano.ui import progress_bar
 
 FORMAT = 1
@@ -107,7 +107,8 @@ def cache_teacher(out_dir: str | Path, datasets, teacher, *, steps: int, grad_ac
     todo = [s for s in range(steps) if s not in held]
     tokens_per_step = grad_accum * datasets.batch_size * datasets.train.seq_len
     iterator = datasets.train_iterator()
-    with progress_bar(speed=True) as progress:
+    resumable = disk_full_as_error(then="run the same command again: it keeps the whole shards and computes the rest")
+    with resumable, progress_bar(speed=True) as progress:
         task = progress.add_task("teacher cache", total=len(todo), speed="")
         for step in range(steps):
             batch = next_step_batch(iterator, grad_accum)  # always drawn, so later steps keep the loop's order

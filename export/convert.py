@@ -40,4 +40,6 @@ def convert(signatures: Iterable[Signature], path: str | Path) -> None:
         config = converter.ConvertToTFLConfig()
         config.model_origin_framework = "JAX"
         converter.run_convert_to_tfl_passes(merged, passmanager.PassManager(), config)
-        converter.export_flatbuffer_to_file(merged.operation, str(path))
+        # To bytes, then to the file: the converter's own file writer ends the process (an LLVM fatal error) when
+        # the disk is full, leaving the scratch directory behind.
+        Path(path).write_bytes(converter.export_flatbuffer_to_bytes(merged.operation))

@@ -13,7 +13,7 @@ import numpy as np
 
 from export.settings import ExportSettings, integer_scheme
 from nano.errors import NanoError
-from nano.files import peak_rss_bytes, scratch_directory
+from nano.files import disk_full_as_error, peak_rss_bytes, scratch_directory
 from nano.ui import status
 
 TOOLS = ("nano-distill", "jax", "flax", "litert-converter", "ai-edge-litert", "litert-lm-builder")
@@ -173,7 +173,7 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
         for n in [*lengths, 1]:
             yield export_signature(model, n, settings.max_tokens)
 
-    with scratch_directory(out) as tmp:
+    with disk_full_as_error(where=out), scratch_directory(out) as tmp:
         graph = tmp / "graph.tflite"
         with phase("convert", f"converting {len(lengths) + 1} signatures ({', '.join(map(prefill_name, lengths))}, {DECODE})"):
             convert(lowered_signatures(), graph)

@@ -8,7 +8,9 @@ failed or killed write never leaves a half-written model under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -19,13 +21,34 @@ from flax import nnx
 
 from nano.config import ModelConfig
 from nano.errors import NanoError, drop_closed_loop_reports
-from nano.files import atomic_directory
+from nano.files import DiskFull, atomic_directory, is_disk_full
 from nano.model import Decoder, abstract_model
 from nano.quant import QuantizedWeight
 from nano.quant_io import CODES, QUANT_FILE, SCALES, from_stored, quant_json, read_quant_json, to_stored
 from nano.tokenizer import Tokenizer
 
 CONFIG_FILE, TOKENIZER_FILE, PARAMS_DIR = "config.json", "tokenizer.model", "params"
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+    """Orbax logs each failure of a save from every thread it touched (a dozen ERROR records for one full disk);
+    the caller reports the failure once, in one line."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _local_checkpointer() -> ocp.StandardCheckpointer:
+    """Orbax for a model directory: host arrays, read or written by this process alone. In a run of several
+    processes (`jax.distributed`) Orbax would otherwise wait for all of them at every save and restore."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"model-dir-{me}"))
 
 
 def param_path(path: tuple) -> str:
@@ -97,20 +120,30 @@ def save_model_dir(config: ModelConfig, params: dict[str, np.ndarray], tokenizer
     if tokenizer.vocab_size != config.vocab_size:
         raise NanoError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model {config.vocab_size}")
     check_params(config, params)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
-        tokenizer.save(tmp / TOKENIZER_FILE)
-        for name, content in (extra or {}).items():
-            if isinstance(content, bytes):
-                (tmp / name).write_bytes(content)
-            else:
-                (tmp / name).write_text(content)
-        stored, tensors = to_stored(params)
-        if tensors:
-            (tmp / QUANT_FILE).write_text(quant_json(config, tensors, quant_info))
-        with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save((tmp / PARAMS_DIR).absolute(), stored)  # Orbax refuses relative paths
+    try:
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            _write_model_dir(tmp, config, params, tokenizer, extra, quant_info)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise DiskFull(out, f"the model directory {out} was not written and nothing is left under its name") from None
     return Path(out)
+
+
+def _write_model_dir(tmp: Path, config: ModelConfig, params: dict, tokenizer: Tokenizer, extra: dict | None,
+                     quant_info: dict | None) -> None:
+    (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
+    tokenizer.save(tmp / TOKENIZER_FILE)
+    for name, content in (extra or {}).items():
+        if isinstance(content, bytes):
+            (tmp / name).write_bytes(content)
+        else:
+            (tmp / name).write_text(content)
+    stored, tensors = to_stored(params)
+    if tensors:
+        (tmp / QUANT_FILE).write_text(quant_json(config, tensors, quant_info))
+    with quiet_orbax(), _local_checkpointer() as ckpt:
+        ckpt.save((tmp / PARAMS_DIR).absolute(), stored)  # Orbax refuses relative paths
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -136,7 +169,7 @@ def load_model_dir(path: str | Path, *, dtype=jnp.float32) -> tuple[Decoder, Tok
         raise NanoError(f"{path} has no {PARAMS_DIR}/ directory")
     drop_closed_loop_reports()  # a damaged file: one error line, not Orbax's teardown after it
     try:
-        with ocp.StandardCheckpointer() as ckpt:
+        with _local_checkpointer() as ckpt:
             params = ckpt.restore((path / PARAMS_DIR).absolute())  # Orbax refuses relative paths
     except Exception as e:  # Orbax raises many types for a damaged checkpoint; the user needs the path and why
         raise NanoError(f"cannot read parameters from {path / PARAMS_DIR}: {type(e).__name__}: {e}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 
 class NanoError(Exception):
@@ -17,7 +18,11 @@ def drop_closed_loop_reports() -> None:
     tensorstore thread, reports `RuntimeError: Event loop is closed` through sys.unraisablehook: dozens of
     tracebacks around the one line that said what was wrong, some after it, until the process exits. They say
     nothing that line does not, so exactly those reports are dropped, for the rest of the process (stragglers
-    arrive until exit); any other unraisable error still reaches the previous hook. Idempotent."""
+    arrive until exit); any other unraisable error still reaches the previous hook. Likewise a write that fails
+    (a full disk) leaves Orbax's pending writes as coroutines that are never awaited, each a RuntimeWarning when
+    it is collected, at any time up to exit. Idempotent."""
+    warnings.filterwarnings("ignore", r"coroutine '.*(write_fragment|_serialize|_write).*' was never awaited",
+                            RuntimeWarning)
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_reports", False):
         return

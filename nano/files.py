@@ -8,6 +8,7 @@ into place when complete (a rename within one directory is atomic).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import resource
 import shutil
@@ -17,6 +18,56 @@ from typing import Callable, Iterator
 
 from nano.documents import decode_utf8, refuse_non_text
 from nano.errors import NanoError
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Did this write fail for want of space? An OSError says so by its errno; the checkpoint library's storage
+    layer (tensorstore) raises a ValueError whose message carries RESOURCE_EXHAUSTED or the system's words."""
+    if isinstance(error, OSError):
+        return error.errno in _NO_SPACE
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or os.strerror(errno.ENOSPC) in text
+
+
+def free_bytes(path: str | Path) -> int:
+    """Bytes free to this process on the filesystem holding `path` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+class DiskFull(NanoError):
+    """A write that ran out of space, in one line: what was not written, where, and what to do."""
+
+    def __init__(self, path: str | Path, what: str, *, then: str = "run the command again"):
+        self.path, self.what = Path(path), what
+        super().__init__(f"no space left on the device holding {path} ({free_bytes(path) / 2**20:,.1f} MiB free): "
+                         f"{what}; free some space and {then}")
+
+
+@contextlib.contextmanager
+def disk_full_as_error(*, where: str | Path | None = None, then: str | None = None) -> Iterator[None]:
+    """A write below that finds the disk full becomes one DiskFull line: `where` names the place when the error
+    does not (a write through a file object), `then` what to do once space is back. Every stage writes under
+    temporary names, so nothing is left under a final name; an appended log may end in a line cut short, which a
+    resumed run drops."""
+    more = {"then": then} if then else {}
+    try:
+        yield
+    except DiskFull as e:
+        if then is None:
+            raise
+        raise DiskFull(e.path, e.what, then=then) from None
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        path = e.filename or where or "."
+        raise DiskFull(path, f"a write to {path} failed (nothing is left under a final name)", **more) from None
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object], *, durable: bool = False) -> Path:
@@ -32,6 +83,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], *, durable: 
         os.replace(tmp, path)
         if durable:
             _fsync(path.parent)
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        raise DiskFull(path, f"{path} was not written (nothing is left under its name)") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -130,27 +130,6 @@ def test_the_command_lines_loss_list_is_the_loss_modules():
     assert set(LOSS_KINDS) == set(KINDS)  # the CLI's list (kept JAX-free) is the loss module's
 
 
-def test_distributed_flag_runs_one_process_through_jax_distributed(tmp_path, tiny_model_dir, corpus):
-    """--distributed goes through jax.distributed.initialize (a coordinator on a local port, one process): the
-    same run as without it. Several hosts are this with --num-processes N and each host's --process-id."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    nano_script = Path(sys.executable).parent / "nano"
-    args = [str(a) for a in ("distill", *data_args(tiny_model_dir, corpus), *COMMON, "--steps", "2")]
-    out = subprocess.run([str(nano_script), *args, "--out", tmp_path / "dist", "--distributed", "--coordinator",
-                          f"127.0.0.1:{port}", "--num-processes", "1", "--process-id", "0"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    nano(*args, "--out", tmp_path / "plain")
-    a, b = lines(tmp_path / "dist" / "metrics.jsonl"), lines(tmp_path / "plain" / "metrics.jsonl")
-    assert [m["loss"] for m in a] == pytest.approx([m["loss"] for m in b], rel=1e-6)
-
-
 def test_random_teacher_throughput_run(tmp_path, corpus):
     """A teacher preset with random weights (no checkpoint), bfloat16, with block remat: the Nano-size recipe's
     options run end to end on nano-micro and write their settings into run.json."""
