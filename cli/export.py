@@ -30,9 +30,9 @@ DEFAULTS = ExportSettings()
                    "context if shorter.")
 @click.option("--no-verify", is_flag=True, help="Skip running the artifact against the JAX model.")
 @click.option("--ppl-tolerance", type=float, default=DEFAULTS.ppl_tolerance, show_default=True,
-              help="How far an integer artifact's perplexity may be from the JAX model's (a fraction) before the "
-                   "export is refused. XNNPACK quantizes activations to int8 at run time, the JAX model does not; "
-                   "the gap depends on the model and the CPU's kernels.")
+              help="How far an integer artifact's perplexity may be (a fraction) from the JAX model of the device's "
+                   "arithmetic (XNNPACK rounds an integer layer's input to int8 per row at run time) before the "
+                   "export is refused.")
 @click.option("--random-init", is_flag=True, help="Export a preset with random weights (sizes with no checkpoint).")
 @click.option("--threads", type=int, default=None, help="CPU threads for verification (default: all).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -48,7 +48,8 @@ def export_cmd(model, out, quant, embeddings, prefill_lengths, max_tokens, no_ve
 
     The .tflite holds signatures prefill_<N> and decode with the KV cache in and out; the .litertlm adds the
     tokenizer and the engine's metadata. Unless --no-verify, the artifact runs on held-out text and must match
-    the JAX model (float32: |Δlogit| ≤ 1e-3; int8/int4/fp16: perplexity within --ppl-tolerance); otherwise nothing is written.
+    the JAX model (float32: |Δlogit| ≤ 1e-3; int8/int4/fp16: perplexity within --ppl-tolerance of the JAX model
+    of the device's arithmetic, `nano perplexity --as-device`); otherwise nothing is written.
     """
     from export.run import export
     from export.runtime import quiet_native_teardown
@@ -75,8 +76,10 @@ def _print_table(result: dict) -> None:
         table.add_row("integer weights", f"{result['int_weights']} (read back from the file: all)")
     v = result["verification"]
     if v:
-        table.add_row("verified", f"{v['criterion']}: max |Δlogit| {v['max_abs_logit_diff']:.2e}, perplexity "
-                                  f"{v['ppl_artifact']:.4f} vs JAX {v['ppl_jax']:.4f}, top-1 {v['top1_agreement']:.3f} "
+        versus = (f"the device model {v['ppl_device']:.4f} (plain JAX {v['ppl_jax']:.4f})" if "ppl_device" in v
+                  else f"JAX {v['ppl_jax']:.4f}")
+        table.add_row("verified", f"{v['criterion']}: perplexity {v['ppl_artifact']:.4f} vs {versus}, max |Δlogit| "
+                                  f"{v['max_abs_logit_diff']:.2e}, top-1 {v['top1_agreement']:.3f} "
                                   f"({v['decoded']} tokens decoded after {v['prefilled']} prefilled)")
     else:
         table.add_row("verified", "no (--no-verify)")

@@ -155,14 +155,23 @@ def tokenize(model, file, as_json):
 @click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False), help="Text file to score.")
 @click.option("--window", default=512, show_default=True, help="Tokens per window, BOS included.")
 @click.option("--batch-size", default=4, show_default=True, help="Windows per forward pass.")
+@click.option("--as-device", is_flag=True,
+              help="Compute a quantized MODEL's integer layers as its LiteRT artifact does on a CPU: XNNPACK rounds "
+                   "each one's input to int8 per token (asymmetric, from the row's range) at run time. Predicts the "
+                   "artifact's perplexity; without it, activations stay exact floats.")
 @dtype_option
-@click.option("--json", "as_json", is_flag=True, help='Print {"ppl", "tokens", "bits_per_byte", "bytes"}.')
-def perplexity(model, text_file, window, batch_size, dtype, as_json):
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"ppl", "tokens", "bits_per_byte", "bytes", "as_device"}.')
+def perplexity(model, text_file, window, batch_size, as_device, dtype, as_json):
     """Perplexity and bits per byte of MODEL on a text file.
 
     Protocol: tokenize without BOS, cut into consecutive non-overlapping chunks of (window - 1) tokens, put BOS
     before each chunk, score every text token. Bits per byte = total NLL / (ln 2 × UTF-8 bytes of the text): unlike
     perplexity, it compares models whose vocabularies differ.
+
+    \b
+    nano perplexity runs/q/gptq --text heldout.txt               # the quantized model, float activations
+    nano perplexity runs/q/gptq --text heldout.txt --as-device   # what its .litertlm will score on a CPU
     """
     from nano.resolve import load_model
     from nano.perplexity import perplexity as compute
@@ -174,6 +183,14 @@ def perplexity(model, text_file, window, batch_size, dtype, as_json):
 
     text = read_text(text_file)
     net, tokenizer = load_model(model, dtype=jnp_dtype(dtype))
+    if as_device:
+        from nano.checkpoint import flat_params
+        from nano.quant import QuantizedWeight
+
+        if not any(isinstance(w, QuantizedWeight) for w in flat_params(net).values()):
+            raise NanoError(f"{model} has no integer weights, so --as-device changes nothing: it models the "
+                            "device's integer layers (quantize the model first: nano quantize)")
+        net.as_device = True
     start = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task("scoring windows", total=None)
@@ -181,10 +198,11 @@ def perplexity(model, text_file, window, batch_size, dtype, as_json):
                          progress=lambda done, total: bar.update(task, completed=done, total=total))
     seconds = time.perf_counter() - start
     if as_json:
-        print_json(result.to_dict())
+        print_json({**result.to_dict(), "as_device": as_device})
     else:
         click.echo(f"perplexity {result.ppl:.4f}, {result.bits_per_byte:.4f} bits per byte over {result.tokens:,} "
-                   f"tokens ({result.tokens / seconds:,.0f} tokens/s, window {window})")
+                   f"tokens ({result.tokens / seconds:,.0f} tokens/s, window {window}"
+                   f"{', as the device computes' if as_device else ''})")
 
 
 @click.command()

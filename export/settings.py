@@ -25,7 +25,8 @@ class ExportSettings:
     verify: bool = True
     random_init: bool = False
     verify_tokens: int = 1024  # held-out tokens: the first half prefilled, the second decoded and compared
-    ppl_tolerance: float = 0.02  # an integer artifact's perplexity may differ from JAX's by this fraction
+    ppl_tolerance: float = 0.02  # an integer artifact's perplexity may differ by this fraction from the JAX
+    # model of the device's arithmetic (Decoder.as_device)
     threads: int | None = None  # for verification; None: every core
 
     def check(self, out: str | Path, max_seq_len: int | None = None) -> None:

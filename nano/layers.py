@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nano.quant import QuantizedWeight
+from nano.quant import QuantizedWeight, dynamic_int8
 
 # Calibration (GPTQ, AWQ) needs the input of every projection. Inside `tap_linear_inputs(fn)` each Linear calls
 # fn(module, x) before its matmul; outside it nothing happens (the check runs at trace time, not in the program).
@@ -44,6 +44,26 @@ def _lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
     return rows.reshape(*tokens.shape, table.shape[-1])
 
 
+# The device's arithmetic (`Decoder.as_device`): inside `device_arithmetic(True)` a projection with integer weights
+# first rounds its input to int8 per row, as XNNPACK does at run time (nano.quant.dynamic_int8). Read at trace time:
+# the Decoder sets it from a static attribute, so a jitted program is never reused across the two.
+_DEVICE_ARITHMETIC: contextvars.ContextVar[bool] = contextvars.ContextVar("device_arithmetic", default=False)
+
+
+@contextlib.contextmanager
+def device_arithmetic(on: bool):
+    token = _DEVICE_ARITHMETIC.set(on)
+    try:
+        yield
+    finally:
+        _DEVICE_ARITHMETIC.reset(token)
+
+
+def integer_input(x: jax.Array, weight) -> jax.Array:
+    """What an integer layer multiplies: x itself, or under `device_arithmetic` x rounded to int8 per row."""
+    return dynamic_int8(x) if isinstance(weight, QuantizedWeight) and _DEVICE_ARITHMETIC.get() else x
+
+
 @contextlib.contextmanager
 def tap_linear_inputs(fn: Callable[["Linear", jax.Array], None]):
     token = _LINEAR_INPUT_TAP.set(fn)
@@ -62,6 +82,7 @@ def as_array(weight: jax.Array | QuantizedWeight, dtype) -> jax.Array:
 
 def matmul_weight(x: jax.Array, weight: jax.Array | QuantizedWeight) -> jax.Array:
     """x [..., in] @ weight [in, out] in x's dtype (the compute dtype), accumulating in float32."""
+    x = integer_input(x, weight)
     return jnp.matmul(x, as_array(weight, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nano.config import GLOBAL, ModelConfig
-from nano.layers import Embedder, Linear, RMSNorm, apply_rope, as_array
+from nano.layers import Embedder, Linear, RMSNorm, apply_rope, as_array, device_arithmetic, integer_input
 
 _MASKED = -1e30  # a finite "minus infinity": a fully masked row cannot produce NaN
 
@@ -206,6 +206,9 @@ class Decoder(nnx.Module):
         self.config = config
         self.dtype = dtype
         self.remat = "none"  # training sets a REMAT_POLICIES name: what the backward pass recomputes
+        # True: integer layers compute as the LiteRT artifact does on a CPU (XNNPACK rounds their inputs to int8
+        # per row at run time), so this model predicts the artifact's numbers; False: exact float activations.
+        self.as_device = False
         self.embedder = Embedder(config.vocab_size, config.d_model, rngs=rngs)
         self.layers = nnx.List([Block(config, t, rngs=rngs) for t in config.layer_types])
         self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps)
@@ -224,6 +227,12 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids apply to full sequences, not cached decoding")
+        with device_arithmetic(self.as_device):
+            hidden, new_cache = self._layers(tokens, positions, segment_ids, cache)
+        return (hidden if return_hidden else self.head(hidden)), new_cache
+
+    def _layers(self, tokens, positions, segment_ids, cache):
+        """The final-normed hidden states [B, T, d_model] and the updated cache (or None)."""
         x = self.embedder.encode(tokens, self.dtype)
         new_k, new_v = [], []
         policy = REMAT_POLICIES[self.remat]
@@ -235,9 +244,7 @@ class Decoder(nnx.Module):
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
-        hidden = self.final_norm(x)
-        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
-        return (hidden if return_hidden else self.head(hidden)), new_cache
+        return self.final_norm(x), None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
 
     def head(self, hidden: jax.Array, embedding: jax.Array | None = None) -> jax.Array:
         """Logits (float32) from final hidden states through the tied embedding, softcapped if configured.
@@ -245,6 +252,8 @@ class Decoder(nnx.Module):
         `embedding` may be a slice of vocabulary rows [V', d_model], giving the logits of those tokens only.
         """
         w = self.embedder.embedding.get_value() if embedding is None else embedding
+        with device_arithmetic(self.as_device):
+            hidden = integer_input(hidden, w)
         logits = jnp.matmul(hidden, as_array(w, hidden.dtype).T, preferred_element_type=jnp.float32)
         if self.config.final_logit_softcap is not None:
             cap = self.config.final_logit_softcap

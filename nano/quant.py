@@ -91,6 +91,27 @@ def quantize_rtn(w: jax.Array, spec: QuantSpec) -> QuantizedWeight:
     return QuantizedWeight(codes=codes_for(w, scales, spec), scales=scales.astype(spec.scale_dtype), spec=spec)
 
 
+def dynamic_int8(x: jax.Array) -> jax.Array:
+    """x as XNNPACK sees it entering an integer layer, its "qd8" dynamic quantization, returned dequantized in x's
+    dtype: each row (token) rounded to int8 with its own scale and zero point, so that 255 steps span the row's
+    range widened to hold 0 (XNNPACK `xnn_f32_qd8_asymmetric_quantization_params` and the f32-qs8 convert kernel,
+    all in float32, rounding half to even). The layer then multiplies those codes with its integer weights
+    exactly and scales the sums: this row times the dequantized weight, up to the order of float additions.
+    The AVX512-VNNI kernels shift the codes to unsigned (q + 128, zero point + 128), which changes no value.
+    Gemma's activations carry outliers of hundreds in a few dimensions, so one row's step is coarse for all the
+    rest: the cost the artifact pays and the plain JAX model does not see."""
+    x32 = x.astype(jnp.float32)
+    lo = jnp.minimum(jnp.min(x32, axis=-1, keepdims=True), 0.0)
+    hi = jnp.maximum(jnp.max(x32, axis=-1, keepdims=True), 0.0)
+    mult = jnp.where(hi > lo, 255.0 / jnp.where(hi > lo, hi - lo, 1.0), 1.0)  # codes per unit
+    low_end, high_end = lo * mult, hi * mult
+    # The zero point from whichever end of the range rounds with the smaller error, as XNNPACK chooses it.
+    zero_point = jnp.where((-128.0 + low_end) + (127.0 + high_end) > 0, -128.0 - low_end, 127.0 - high_end)
+    zero_point = jnp.round(jnp.clip(zero_point, -128.0, 127.0))
+    q = jnp.clip(jnp.round(x32 * mult) + zero_point, -128.0, 127.0)
+    return ((q - zero_point) * (1.0 / mult)).astype(x.dtype)
+
+
 def fake_quantize(w: jax.Array, spec: QuantSpec) -> jax.Array:
     """w rounded onto its int grid in the forward pass, identity in the backward pass (straight-through)."""
     q = quantize_rtn(jax.lax.stop_gradient(w), spec).dequantize(w.dtype)

@@ -138,7 +138,7 @@ def test_perplexity_json(batch_size, tiny_model_dir, tiny_model, tiny_tokenizer,
     out = invoke("perplexity", tiny_model_dir, "--text", ppl_text, "--window", WINDOW, "--batch-size", batch_size,
                  "--json").stdout
     result = json.loads(out)
-    assert set(result) == {"ppl", "tokens", "bits_per_byte", "bytes"}
+    assert set(result) == {"ppl", "tokens", "bits_per_byte", "bytes", "as_device"} and result["as_device"] is False
     text = ppl_text.read_text(encoding="utf-8")
     ppl, tokens = reference_perplexity(tiny_model, tiny_tokenizer, text, WINDOW)
     assert result["tokens"] == tokens == len(tiny_tokenizer.encode(text))
