@@ -11,12 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from export.graph import DECODE, K_CACHE, V_CACHE
+from export.graph import DECODE, K_CACHE, MASK, V_CACHE
 
 
-def decode_bytes(tflite: Path) -> dict:
+_ITEM_BYTES = {0: 4, 1: 2, 9: 1}  # TFLite's FLOAT32, FLOAT16 and INT8 tensor types
+
+
+def decode_bytes(tflite: Path, *, context: int | None = None) -> dict:
     """Bytes one decode step reads: the constant buffers of the decode signature (each shared buffer once) and its
-    KV-cache inputs."""
+    KV-cache inputs, the global layers' at `context` slots when the engine chooses it at load (the file holds
+    them at the context placeholder, the `mask` input's last dimension)."""
     from ai_edge_litert import schema_py_generated as schema
 
     with open(tflite, "rb") as f:  # the map outlives the flatbuffer views into it; it closes when they are gone
@@ -30,12 +34,16 @@ def decode_bytes(tflite: Path) -> dict:
             buffer = model.Buffers(index) if index else None
             if buffer is not None:  # a buffer past the 2 GB limit keeps its bytes at (offset, size) in the file
                 buffers[index] = buffer.DataLength() or buffer.Size()
+        inputs = {signature.Inputs(i).Name().decode(): graph.Tensors(signature.Inputs(i).TensorIndex())
+                  for i in range(signature.InputsLength())}
+        placeholder = int(inputs[MASK].ShapeAsNumpy()[-1]) if MASK in inputs else None
         cache = 0
-        for i in range(signature.InputsLength()):
-            tensor = signature.Inputs(i)
-            if tensor.Name().decode().startswith((K_CACHE, V_CACHE)):
-                shape = graph.Tensors(tensor.TensorIndex()).ShapeAsNumpy()
-                cache += int(np.prod(shape)) * np.dtype(np.float32).itemsize
+        for name, tensor in inputs.items():
+            if name.startswith((K_CACHE, V_CACHE)):
+                shape = tensor.ShapeAsNumpy().tolist()
+                if context is not None and shape[2] == placeholder:
+                    shape[2] = context
+                cache += int(np.prod(shape)) * _ITEM_BYTES[tensor.Type()]
     return {"weight_bytes": sum(buffers.values()), "kv_cache_bytes": cache}
 
 
@@ -53,10 +61,10 @@ def memory_bandwidth(threads: int, *, size: int = 512 * 2**20, repeats: int = 10
     return best
 
 
-def decode_limit(tflite: Path, decode_tokens_per_s: float, threads: int) -> dict:
+def decode_limit(tflite: Path, decode_tokens_per_s: float, threads: int, *, context: int | None = None) -> dict:
     """Bytes per decoded token, the bandwidth the measured decode rate implies, the machine's bandwidth, and the
-    decode rate that bandwidth would allow."""
-    read = decode_bytes(tflite)
+    decode rate that bandwidth would allow (at `context`, for an artifact whose context is chosen at load)."""
+    read = decode_bytes(tflite, context=context)
     per_token = read["weight_bytes"] + read["kv_cache_bytes"]
     bandwidth = memory_bandwidth(threads)
     return {**read, "decode_bytes_per_token": per_token,

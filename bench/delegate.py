@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.graph import DECODE, INPUT_POS, LOGITS, TOKENS
-from export.runtime import TFLiteRunner
+from export.graph import DECODE, INPUT_POS, LOGITS, MASK, TOKENS
+from export.runtime import TFLiteRunner, engine_mask
 from nano.errors import NanoError
 
 
@@ -83,11 +83,13 @@ class DelegatedRunner(TFLiteRunner):
                          for sig in self.interpreter.get_signature_list()}
         self._read_layout(path, self._runners, lambda: (self._runners[DECODE].get_input_details(),
                                                         self._runners[DECODE].get_output_details()))
-        self.cache = {n: np.zeros(shape, np.float32) for n, shape in self.cache_shapes.items()}
+        self.cache = {n: np.zeros(shape, self.cache_dtypes[n]) for n, shape in self.cache_shapes.items()}
 
     def _run(self, signature: str, tokens: np.ndarray, positions: np.ndarray, outputs: dict) -> dict:
-        out = self._runners[signature](**{TOKENS: np.asarray(tokens, np.int32).reshape(1, -1),
-                                          INPUT_POS: np.asarray(positions, np.int32)}, **self.cache)
+        inputs = {TOKENS: np.asarray(tokens, np.int32).reshape(1, -1), INPUT_POS: np.asarray(positions, np.int32)}
+        if MASK in self._runners[signature].get_input_details():
+            inputs[MASK] = engine_mask(positions, self.max_tokens)
+        out = self._runners[signature](**inputs, **self.cache)
         self.cache = {n: out[n] for n in self.cache}
         return out
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.bundle import read_provenance
 from export.integrity import check_artifact
 from export.runtime import quiet_native_stderr
 from nano.errors import NanoError
@@ -115,13 +116,16 @@ def _round_litert(runner, ids: list[int], prefill_tokens, decode_tokens: int) ->
             "time_to_first_token_s": first}
 
 
-def _round_litert_lm(path: Path, threads: int, prefill_tokens, decode_tokens: int, cache: Path) -> dict:
-    """One run of every figure in the LiteRT-LM engine (`litert_lm.Benchmark`, which loads the bundle each time)."""
+def _round_litert_lm(path: Path, threads: int, prefill_tokens, decode_tokens: int, cache: Path,
+                     context: int | None = None) -> dict:
+    """One run of every figure in the LiteRT-LM engine (`litert_lm.Benchmark`, which loads the bundle each time),
+    at `context` tokens (None: the bundle's own)."""
     import litert_lm
 
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
     runs = {n: litert_lm.Benchmark(str(path), backend=litert_lm.Backend.CPU(thread_count=threads), prefill_tokens=n,
-                                   decode_tokens=decode_tokens, cache_dir=str(cache)).run() for n in prefill_tokens}
+                                   decode_tokens=decode_tokens, cache_dir=str(cache), max_num_tokens=context).run()
+            for n in prefill_tokens}
     first = runs[prefill_tokens[0]]
     return {"prefill_tokens_per_s": {str(n): r.last_prefill_tokens_per_second for n, r in runs.items()},
             "decode_tokens_per_s": first.last_decode_tokens_per_second,
@@ -189,18 +193,31 @@ def _check(paths: list[Path], backend: str, delegate, repeats: int, decode_token
 
 
 class _Subject:
-    """One artifact under test: its .tflite, its Python runner while the litert backend times it, its rounds."""
+    """One artifact under test: its .tflite, its Python runner while the litert backend times it, its rounds, and
+    the context it runs at (`context`: chosen at load, in the engine)."""
 
-    def __init__(self, path: Path, tmp: Path, *, threads: int, delegate, delegate_options, longest: int, limit: str):
+    def __init__(self, path: Path, tmp: Path, *, threads: int, delegate, delegate_options, longest: int, limit: str,
+                 context: int | None):
         self.path, self.tflite, self.rounds = path, tflite_of(path, tmp), []
         self.result = {"artifact": str(path), "file_bytes": path.stat().st_size}
         start = time.perf_counter()
         self.runner = open_runner(self.tflite, threads=threads, delegate=delegate, delegate_options=delegate_options)
         self.load = time.perf_counter() - start
         self.result.update(getattr(self.runner, "placement", {}))
-        self.max_tokens = self.runner.max_tokens
-        if longest > self.max_tokens:
-            raise NanoError(f"{limit} exceed the artifact's context of {self.max_tokens}")
+        slots = self.runner.max_tokens  # the file's own shapes, which the Python runner runs
+        if context is not None:
+            if not self.runner.context_at_load:
+                raise NanoError(f"{path.name} has its context fixed at export (no `mask` input): --max-tokens needs "
+                                "an artifact exported by this nano (nano-export --max-tokens N: the most an app asks)")
+            if context >= slots:
+                raise NanoError(f"--max-tokens {context}: {path.name} holds at most {slots - 1} tokens (export it "
+                                "with a larger nano-export --max-tokens)")
+        elif path.suffix == ".litertlm" and self.runner.context_at_load:
+            context = read_provenance(path).get("max_tokens")  # the engine's default: the bundle's own
+        self.context = context or slots
+        self.result["context"] = self.context
+        if longest > self.context:
+            raise NanoError(f"{limit} exceed the artifact's context of {self.context}")
         self.ids = np.random.default_rng(0).integers(3, self.runner.vocab_size, longest).tolist()
 
 
@@ -213,11 +230,13 @@ def bench_many(artifacts: list[str | Path], *, backend: str = "litert", threads:
                delegate: str | None = None, delegate_options: dict[str, str] | None = None,
                prefill_tokens: tuple[int, ...] = (128, 512), decode_tokens: int = 128, repeats: int = 3,
                text: str | None = None, model: str | None = None, vs_gguf: str | None = None,
-               peer_quant: str | None = None, progress=lambda message: None) -> list[dict]:
+               peer_quant: str | None = None, max_tokens: int | None = None,
+               progress=lambda message: None) -> list[dict]:
     """Time each ARTIFACT in alternating rounds (each artifact once per round, then llama.cpp on `vs_gguf` when
     given), so that all see the same machine state, and report each one's medians; with `vs_gguf`, each result's
     ratios to llama.cpp. `vs_gguf` is a GGUF file, the embedded teacher's name (its shipped GGUF) or a model
     directory (exported to GGUF first); `peer_quant` has llama.cpp quantize it (bench.peer.peer_gguf).
+    `max_tokens` is the context the engine loads the artifacts at (litert-lm only; default: each bundle's own).
     `progress` hears what runs."""
     import os
 
@@ -226,6 +245,9 @@ def bench_many(artifacts: list[str | Path], *, backend: str = "litert", threads:
 
     paths = [Path(a) for a in artifacts]
     _check(paths, backend, delegate, repeats, decode_tokens, prefill_tokens)
+    if max_tokens is not None and backend != "litert-lm":
+        raise NanoError("--max-tokens chooses the context when the LiteRT-LM engine loads a bundle: use it with "
+                        "--backend litert-lm (the Python runner runs the file's own shapes)")
     if peer_quant is not None and (vs_gguf is None or peer_quant not in PEER_QUANTS):
         raise NanoError(f"--peer-quant ({', '.join(PEER_QUANTS)}) quantizes the model --vs-gguf names, got "
                         f"{peer_quant!r} for {vs_gguf!r}")
@@ -245,9 +267,9 @@ def bench_many(artifacts: list[str | Path], *, backend: str = "litert", threads:
         for i, path in enumerate(paths):  # each in its own folder: two bundles' .tflite sections share a name
             (tmp / str(i)).mkdir()
             subjects.append(_Subject(path, tmp / str(i), threads=threads, delegate=delegate,
-                                     delegate_options=delegate_options, longest=longest,
+                                     delegate_options=delegate_options, longest=longest, context=max_tokens,
                                      limit=f"prefill {max(prefill_tokens)} + decode {decode_tokens} tokens"))
-        window = min(PERPLEXITY_WINDOW, *(s.max_tokens for s in subjects))
+        window = min(PERPLEXITY_WINDOW, *(s.context for s in subjects))
         if vs_gguf is not None:
             progress(f"llama.cpp's GGUF of {vs_gguf}" + (f" as {peer_quant}" if peer_quant else ""))
             peer_path, peer_name = peer_gguf(vs_gguf, peer_quant, tmp, threads=threads)
@@ -266,7 +288,7 @@ def bench_many(artifacts: list[str | Path], *, backend: str = "litert", threads:
         for r in range(repeats):
             for s in subjects:
                 progress(f"run {r + 1}/{repeats}: {s.path.name} ({backend})")
-                s.rounds.append(_round_litert_lm(s.path, threads, prefill_tokens, decode_tokens, tmp)
+                s.rounds.append(_round_litert_lm(s.path, threads, prefill_tokens, decode_tokens, tmp, max_tokens)
                                 if backend == "litert-lm" else
                                 {**_round_litert(s.runner, s.ids, prefill_tokens, decode_tokens), "load_s": s.load})
             if vs_gguf is not None:  # the first llama.cpp run also scores the text, on the same windows
@@ -281,7 +303,8 @@ def bench_many(artifacts: list[str | Path], *, backend: str = "litert", threads:
             result = {**s.result, "backend": backend, "threads": threads, "decode_tokens": decode_tokens,
                       "repeats": repeats, **_median(s.rounds)}
             progress(f"memory bandwidth ({s.path.name})")
-            result.update(decode_limit(s.tflite, result["decode_tokens_per_s"], threads))
+            engine_context = s.context if backend == "litert-lm" else None  # the Python runner keeps the file's
+            result.update(decode_limit(s.tflite, result["decode_tokens_per_s"], threads, context=engine_context))
             results.append(result)
     for result in results:
         if peer:

@@ -33,11 +33,14 @@ from cli.common import CONTEXT
 @click.option("--peer-quant", type=click.Choice(PEER_QUANTS), default=None,
               help="Quantize the --vs-gguf model with llama.cpp's own quantizer first: the same float model, their "
                    "4-bit beside ours.")
+@click.option("--max-tokens", type=int, default=None, metavar="N",
+              help="The context the LiteRT-LM engine loads each bundle at (--backend litert-lm): any N below the "
+                   "most its export allowed (nano-export --max-tokens). Default: the bundle's own.")
 @click.option("--report", "report_dir", default=None, metavar="DIR", help="Write bench.md, bench.json, bench.png here.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as one JSON object (a list of them for several artifacts).")
 def bench_cmd(artifacts, backend, threads, delegate, delegate_options, prefill_tokens, decode_tokens, repeats, text,
-              model, vs_gguf, peer_quant, report_dir, as_json):
+              model, vs_gguf, peer_quant, max_tokens, report_dir, as_json):
     """Time exported ARTIFACTS (.tflite or .litertlm): load, time to first token, prefill and decode tokens/s,
     peak RSS, file size, and how close decode is to the memory-bandwidth limit; with --text, perplexity and bits
     per byte through the artifact; with --vs-gguf, llama.cpp on the same machine, threads and lengths. Several
@@ -49,6 +52,7 @@ def bench_cmd(artifacts, backend, threads, delegate, delegate_options, prefill_t
     nano bench student-int4.litertlm --backend litert-lm --vs-gguf runs/distill/kd/final --peer-quant Q4_K_M
     nano bench t.tflite --model gemma3-270m --text heldout.txt --json
     nano bench teacher.litertlm student.litertlm --backend litert-lm --report out/   # side by side
+    nano bench teacher.litertlm --backend litert-lm --max-tokens 1024   # the same bundle at a 1,024-token context
     nano bench m.tflite --model M --delegate /usr/lib/libedgetpu.so.1 --delegate-option device=usb:0
     """
     from rich.console import Console
@@ -65,7 +69,8 @@ def bench_cmd(artifacts, backend, threads, delegate, delegate_options, prefill_t
                              delegate_options=_options(delegate_options),
                              prefill_tokens=parse_lengths(prefill_tokens), decode_tokens=decode_tokens,
                              repeats=repeats, text=read_text(text) if text else None, model=model, vs_gguf=vs_gguf,
-                             peer_quant=peer_quant, progress=lambda message: status.update(f"benchmarking: {message}"))
+                             peer_quant=peer_quant, max_tokens=max_tokens,
+                             progress=lambda message: status.update(f"benchmarking: {message}"))
     if report_dir is not None:
         from bench.report import write_report
 
@@ -95,7 +100,8 @@ def _table(result: dict):
     from rich.table import Table
 
     peer = result.get("peer")
-    table = Table(title=f"{result['artifact']} ({result['backend']}, {result['threads']} threads)",
+    table = Table(title=f"{result['artifact']} ({result['backend']}, {result['threads']} threads, context "
+                        f"{result['context']:,})",
                   caption=f"llama.cpp: {peer['gguf']}, in alternating runs" if peer else None)
     table.add_column("")
     table.add_column("ours", justify="right")

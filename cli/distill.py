@@ -65,6 +65,13 @@ def _distributed(coordinator, num_processes, process_id):
     console.quiet = jax.process_index() > 0  # one progress display: process 0's
 
 
+def _peer_stopped(error: Exception) -> bool:
+    """A cross-process collective failed because the other end went away: gloo's words, whichever call (a train
+    step, a checkpoint's barrier, a gather) and exception type (JaxRuntimeError, ValueError) carried them."""
+    text = str(error)
+    return "Gloo" in text or "by peer" in text
+
+
 def _leave_distributed_run(error: Exception, out: str) -> None:
     """A process of a distributed run that fails leaves at once, in one line. Exiting normally would wait in
     jax.distributed's shutdown barrier for processes that will never reach it, until its heartbeat timeout aborts
@@ -78,7 +85,7 @@ def _leave_distributed_run(error: Exception, out: str) -> None:
 
     from distill.checkpoints import committed_steps
 
-    if isinstance(error, jax.errors.JaxRuntimeError):  # a collective failed: a peer died, or its host did
+    if _peer_stopped(error):  # a collective failed: a peer died, or its host did
         steps = committed_steps(out)
         where = f"its last checkpoint is step {steps[-1]}" if steps else "it had saved no checkpoint yet"
         why = str(error).splitlines()[0][:200]

@@ -7,7 +7,7 @@ import json
 import click
 
 from cli.common import CONTEXT, Command
-from export.settings import QUANTS, ExportSettings, parse_lengths
+from export.settings import KV_CACHES, QUANTS, ExportSettings, parse_lengths
 from nano.quant_scheme import EMBEDDINGS
 
 DEFAULTS = ExportSettings()
@@ -26,8 +26,11 @@ DEFAULTS = ExportSettings()
 @click.option("--prefill-lengths", default=",".join(map(str, DEFAULTS.prefill_lengths)), show_default=True,
               help="Comma-separated prefill signature lengths (prefill_<N>).")
 @click.option("--max-tokens", type=int, default=None,
-              help="Context the artifact holds (the global layers' KV cache). Default: 4096, or the model's own "
-                   "context if shorter.")
+              help="The most context an app may ask for: the LiteRT-LM engine chooses the context when it loads the "
+                   "bundle (its max_num_tokens; `nano bench --max-tokens`), up to this, which is also the bundle's "
+                   "default. Default: 4096, or the model's own context if shorter.")
+@click.option("--kv-cache", type=click.Choice(KV_CACHES), default=DEFAULTS.kv_cache, show_default=True,
+              help="How the KV cache is stored (attention computes in float32 either way): fp16 halves its memory.")
 @click.option("--no-verify", is_flag=True, help="Skip running the artifact against the JAX model.")
 @click.option("--ppl-tolerance", type=float, default=DEFAULTS.ppl_tolerance, show_default=True,
               help="How far an integer artifact's perplexity may be (a fraction) from the JAX model of the device's "
@@ -37,14 +40,15 @@ DEFAULTS = ExportSettings()
 @click.option("--threads", type=int, default=None, help="CPU threads for verification (default: all).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export_cmd(model, out, quant, embeddings, prefill_lengths, max_tokens, no_verify, ppl_tolerance, random_init,
-               threads, force, as_json):
+def export_cmd(model, out, quant, embeddings, prefill_lengths, max_tokens, kv_cache, no_verify, ppl_tolerance,
+               random_init, threads, force, as_json):
     """Export MODEL (a model directory, the embedded teacher's name, or with --random-init a preset) to LiteRT.
 
     \b
     nano-export gemma3-270m --out teacher.litertlm
     nano-export runs/q/gptq --out teacher-int4.litertlm            # GPTQ's int4 codes, unchanged
     nano-export nano-micro --random-init --quant int4-b32 --out micro.litertlm  # random weights
+    nano-export runs/q/gptq --max-tokens 8192 --out t.litertlm   # the engine may then load it at any context ≤ 8192
 
     The .tflite holds signatures prefill_<N> and decode with the KV cache in and out; the .litertlm adds the
     tokenizer and the engine's metadata. Unless --no-verify, the artifact runs on held-out text and must match
@@ -56,7 +60,8 @@ def export_cmd(model, out, quant, embeddings, prefill_lengths, max_tokens, no_ve
 
     quiet_native_teardown()  # under `nano export` as under `nano-export`
     settings = ExportSettings(quant=quant, embeddings=embeddings, prefill_lengths=parse_lengths(prefill_lengths),
-                              max_tokens=max_tokens, verify=not no_verify, ppl_tolerance=ppl_tolerance,
+                              max_tokens=max_tokens, kv_cache=kv_cache, verify=not no_verify,
+                              ppl_tolerance=ppl_tolerance,
                               random_init=random_init, threads=threads)
     result = export(model, out, settings, force=force)
     if as_json:

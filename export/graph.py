@@ -1,12 +1,24 @@
 """The artifact's signatures: the one decoder with fixed shapes, in the names the LiteRT-LM engine binds.
 
-    prefill_<N>(tokens [1, N] int32, input_pos [N] int32, kv_cache_k_<i>, kv_cache_v_<i>) -> the caches
-    decode(tokens [1, 1] int32, input_pos [1] int32, kv_cache_k_<i>, kv_cache_v_<i>) -> logits [1, 1, V], the caches
+    prefill_<N>(tokens [1, N] int32, input_pos [N] int32, mask [1, 1, N, S], kv_cache_k_<i>, kv_cache_v_<i>)
+        -> the caches
+    decode(tokens [1, 1] int32, input_pos [1] int32, mask [1, 1, 1, S], kv_cache_k_<i>, kv_cache_v_<i>)
+        -> logits [1, 1, V], the caches
 
 Every cache is [1, kv_heads, slots, head_dim] float32 and comes back whole under its input's name (the engine
-updates it in place). A global layer has `max_tokens` slots; a local (sliding-window) layer has a ring of
-`sliding_window` slots, since it never looks further back. Prefill returns no logits: the engine feeds the prompt's
-last token through decode, so a prefill never needs the vocabulary-sized head.
+updates it in place). A local (sliding-window) layer has a ring of `sliding_window` slots, since it never looks
+further back. A global layer has S slots, S the context placeholder: the smallest prime above `max_tokens`.
+
+The context is chosen when the artifact loads. LiteRT's "magic numbers": the LiteRT-LM engine takes the last
+dimension of the input named `mask` (a prime above 10) as the context placeholder and, before the model is
+compiled, rewrites every tensor dimension that is a multiple of it, and the integer constants that give RESHAPE,
+BROADCAST_TO, FILL and SLICE shapes and RANGE limits, into the same multiple of the context it runs
+(`max_num_tokens`, the bundle's LlmMetadata by default, which is `max_tokens`). Everything the global layers do
+follows the cache's shape (nano.model's linear cache: no modulus, no length baked into a constant), so the graph
+stays right at any context up to `max_tokens`. The engine fills `mask` itself (0 on the slots a row may see, a large
+negative number elsewhere), and the global layers add it to their scores, beside their own mask that decides the
+same. Prefill returns no logits: the engine feeds the prompt's last token through decode, so a prefill never needs
+the vocabulary-sized head.
 
 The weights are exported as leading arguments, not captured as constants: JAX then never serializes them (its
 StableHLO is a few MB whatever the model's size), the converter converts a graph without them (export.convert), and
@@ -24,12 +36,12 @@ from jax import export as jax_export
 
 from flax import nnx
 
-from nano.config import ModelConfig
+from nano.config import GLOBAL, ModelConfig
 from nano.layers import export_lookups
 from nano.model import Decoder, KVCache
 from nano.quant import QuantizedWeight
 
-TOKENS, INPUT_POS, LOGITS = "tokens", "input_pos", "logits"
+TOKENS, INPUT_POS, MASK, LOGITS = "tokens", "input_pos", "mask", "logits"
 K_CACHE, V_CACHE = "kv_cache_k_", "kv_cache_v_"
 DECODE = "decode"
 
@@ -42,9 +54,25 @@ def cache_names(config: ModelConfig) -> list[str]:
     return [f"{K_CACHE}{i}" for i in range(config.num_layers)] + [f"{V_CACHE}{i}" for i in range(config.num_layers)]
 
 
+def context_placeholder(max_tokens: int) -> int:
+    """The global caches' length in the file: the smallest prime above `max_tokens`, which the engine rewrites into
+    the context it runs (it must stay above every context asked for; primes below 11 are not placeholders)."""
+    n = max(max_tokens + 1, 11)
+    while any(n % d == 0 for d in range(2, int(n ** 0.5) + 1)):
+        n += 1
+    return n
+
+
+def uses_mask(config: ModelConfig, *, prefill: bool) -> bool:
+    """Whether a signature takes the engine's `mask`: where a global layer's attention counts. A model of local
+    layers only has no context to choose; a prefill never needs the last layer's attention (only its cache)."""
+    layers = config.layer_types[:-1] if prefill else config.layer_types
+    return GLOBAL in layers
+
+
 def cache_shapes(config: ModelConfig, max_tokens: int) -> dict[str, tuple[int, ...]]:
-    """Each cache input's shape, in `cache_names` order."""
-    cache = jax.eval_shape(lambda: KVCache.zeros(config, 1, max_tokens))
+    """Each cache input's shape, in `cache_names` order, with the global layers at the context placeholder."""
+    cache = jax.eval_shape(lambda: KVCache.zeros(config, 1, context_placeholder(max_tokens)))
     return dict(zip(cache_names(config), [x.shape for x in (*cache.k, *cache.v)]))
 
 
@@ -77,11 +105,11 @@ def _signature_fn(model: Decoder, *, logits: bool):
     treedef = jax.tree_util.tree_structure(params)
     flip = [transposed(name) for name, _ in weight_leaves(model)]
 
-    def fn(weights, tokens, input_pos, *caches):
+    def fn(weights, tokens, input_pos, mask, *caches):
         weights = [w.T if f else w for w, f in zip(weights, flip)]
         net = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, weights), rest)
         cache = KVCache(k=tuple(caches[:n]), v=tuple(caches[n:]))
-        hidden, cache = net(tokens, input_pos[None], cache=cache, return_hidden=True)
+        hidden, cache = net(tokens, input_pos[None], cache=cache, return_hidden=True, attention_bias=mask)
         out = dict(zip(cache_names(model.config), (*cache.k, *cache.v)))
         if logits:
             out[LOGITS] = net.head(hidden)
@@ -90,25 +118,33 @@ def _signature_fn(model: Decoder, *, logits: bool):
     return fn
 
 
-def export_signature(model: Decoder, length: int, max_tokens: int) -> Signature:
-    """One signature as StableHLO: `decode` for length 1 (with logits), `prefill_<length>` otherwise."""
+def export_signature(model: Decoder, length: int, max_tokens: int, *, kv_dtype=jnp.float32) -> Signature:
+    """One signature as StableHLO: `decode` for length 1 (with logits), `prefill_<length>` otherwise; its caches
+    stored in `kv_dtype` (attention casts them to float32)."""
     config = model.config
     name = DECODE if length == 1 else prefill_name(length)
     shapes = cache_shapes(config, max_tokens)
     weights = [jax.ShapeDtypeStruct(w.shape[::-1] if transposed(param) else w.shape, jnp.float32)
                for param, w in weight_leaves(model)]
     args = [jax.ShapeDtypeStruct((1, length), jnp.int32), jax.ShapeDtypeStruct((length,), jnp.int32)]
-    args += [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes.values()]
+    inputs = [TOKENS, INPUT_POS]
+    mask = None
+    if uses_mask(config, prefill=name != DECODE):
+        mask = jax.ShapeDtypeStruct((1, 1, length, context_placeholder(max_tokens)), jnp.float32)
+        inputs.append(MASK)
+    caches = [jax.ShapeDtypeStruct(s, kv_dtype) for s in shapes.values()]
     with export_lookups():
-        exported = jax_export.export(jax.jit(_signature_fn(model, logits=name == DECODE)))(weights, *args)
+        exported = jax_export.export(jax.jit(_signature_fn(model, logits=name == DECODE)))(weights, *args, mask,
+                                                                                           *caches)
+    inputs += list(shapes)
     # JAX drops arguments a program does not use (a prefill never reaches the last layer's MLP or the head).
     names = [param for param, _ in weight_leaves(model)]
     kept = [names[i] for i in exported.module_kept_var_idx if i < len(weights)]
-    if len(exported.module_kept_var_idx) - len(kept) != len(args):
-        raise RuntimeError(f"{name}: the exported program dropped a token or cache input")
+    if len(exported.module_kept_var_idx) - len(kept) != len(inputs):
+        raise RuntimeError(f"{name}: the exported program dropped a token, mask or cache input")
     # A dict's outputs come out in its pytree order (sorted keys); name them in that order.
     positions = jax.tree_util.tree_unflatten(exported.out_tree, range(exported.out_tree.num_leaves))
     outputs = [None] * exported.out_tree.num_leaves
     for key, index in positions.items():
         outputs[index] = key
-    return Signature(name, exported, [TOKENS, INPUT_POS, *shapes], outputs, kept)
+    return Signature(name, exported, inputs, outputs, kept)

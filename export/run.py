@@ -144,9 +144,10 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
     from export.convert import convert
     from export.graph import DECODE, export_signature, prefill_name, transposed
     from export.weights import bind
+    import jax.numpy as jnp
+
     from nano.model import abstract_model
     from nano.quant import QuantizedWeight
-
     out = Path(out)
     start = time.perf_counter()
     settings.check(out)
@@ -168,10 +169,12 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
         params = _artifact_params(model_ref, settings, config, scheme, quant_info)
     integer = {name: w for name, w in params.items() if isinstance(w, QuantizedWeight)}
 
+    kv_dtype = jnp.float16 if settings.kv_cache == "fp16" else jnp.float32
+
     def lowered_signatures():  # programs over abstract weights: shapes only, nothing allocated
         model = abstract_model(config)
         for n in [*lengths, 1]:
-            yield export_signature(model, n, settings.max_tokens)
+            yield export_signature(model, n, settings.max_tokens, kv_dtype=kv_dtype)
 
     with disk_full_as_error(where=out), scratch_directory(out) as tmp:
         graph = tmp / "graph.tflite"
@@ -186,7 +189,8 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
         verification = None
         if settings.verify:
             with phase("verify", "verifying against JAX"):
-                verification = _verify(tflite, config, params, tokenizer, settings, exact=scheme == "float32")
+                exact = scheme == "float32" and settings.kv_cache == "float32"  # else some rounding: perplexity
+                verification = _verify(tflite, config, params, tokenizer, settings, exact=exact)
         final = tflite
         if out.suffix == ".litertlm":
             final = tmp / "model.litertlm"
@@ -222,5 +226,5 @@ def _verify(tflite: Path, config, params: dict, tokenizer, settings: ExportSetti
 def _provenance(model_ref, config, scheme, quant_info, settings) -> dict:
     return {"source": str(model_ref), "config_hash": config.hash, "config": config.to_dict(), "quant": scheme,
             "quant_method": (quant_info or {}).get("method", "rtn" if scheme.startswith("int") else "none"),
-            "random_init": settings.random_init, "max_tokens": settings.max_tokens,
+            "random_init": settings.random_init, "max_tokens": settings.max_tokens, "kv_cache": settings.kv_cache,
             "prefill_lengths": list(settings.prefill_lengths), "versions": _versions()}

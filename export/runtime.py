@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.graph import DECODE, INPUT_POS, K_CACHE, LOGITS, TOKENS, V_CACHE
+from export.graph import DECODE, INPUT_POS, K_CACHE, LOGITS, MASK, TOKENS, V_CACHE
 
 
 @contextlib.contextmanager
@@ -44,6 +44,16 @@ def quiet_native_teardown() -> None:
     atexit.register(silence)
 
 
+BLOCKED = -0.7 * float(np.finfo(np.float32).max)  # what LiteRT-LM writes where a row may not look
+
+
+def engine_mask(positions: np.ndarray, slots: int) -> np.ndarray:
+    """The `mask` input [1, 1, T, slots] as the LiteRT-LM engine fills it (its InitializeAttentionMask and
+    FillAttentionMask): 0 on the slots 0..p a row at position p may see, BLOCKED on the rest."""
+    seen = np.arange(slots)[None, :] <= np.asarray(positions)[:, None]
+    return np.where(seen, 0.0, BLOCKED).astype(np.float32)[None, None]
+
+
 class TFLiteRunner:
     def __init__(self, path: str | Path, *, threads: int | None = None):
         from ai_edge_litert.compiled_model import CompiledModel
@@ -59,9 +69,10 @@ class TFLiteRunner:
                                                      self.model.get_output_tensor_details(DECODE)))
         self.cache = {n: self.model.create_input_buffer_by_name(DECODE, n) for n in self.cache_shapes}
         for name, buffer in self.cache.items():  # masked slots are multiplied by 0: they must not hold NaN
-            buffer.write(np.zeros(self.cache_shapes[name], np.float32))
-        self._io = {sig: {TOKENS: self.model.create_input_buffer_by_name(sig, TOKENS),
-                          INPUT_POS: self.model.create_input_buffer_by_name(sig, INPUT_POS)} for sig in signatures}
+            buffer.write(np.zeros(self.cache_shapes[name], self.cache_dtypes[name]))
+        names = {sig: self.model.get_input_tensor_details(sig) for sig in signatures}
+        self._io = {sig: {name: self.model.create_input_buffer_by_name(sig, name)
+                          for name in (TOKENS, INPUT_POS, MASK) if name in names[sig]} for sig in signatures}
         self._logits = self.model.create_output_buffer_by_name(DECODE, LOGITS)
 
     def _read_layout(self, path, signatures, decode_details) -> None:
@@ -73,13 +84,17 @@ class TFLiteRunner:
         self.prefill_lengths = sorted(int(n.split("_", 1)[1]) for n in signatures if n.startswith("prefill_"))
         self.cache_shapes = {n: tuple(d["shape"]) for n, d in decode_inputs.items()
                              if n.startswith((K_CACHE, V_CACHE))}
-        self.max_tokens = max(s[2] for s in self.cache_shapes.values())
+        self.cache_dtypes = {n: np.dtype(decode_inputs[n].get("dtype", "float32")) for n in self.cache_shapes}
+        self.max_tokens = max(s[2] for s in self.cache_shapes.values())  # with a mask: the context placeholder
+        self.context_at_load = MASK in decode_inputs  # the engine may run it at any context below that
         self.vocab_size = int(decode_outputs[LOGITS]["shape"][-1])
 
     def _run(self, signature: str, tokens: np.ndarray, positions: np.ndarray, outputs: dict) -> None:
         io = self._io[signature]
         io[TOKENS].write(np.asarray(tokens, np.int32).reshape(1, -1))
         io[INPUT_POS].write(np.asarray(positions, np.int32))
+        if MASK in io:
+            io[MASK].write(engine_mask(positions, self.max_tokens))
         self.model.run_by_name(signature, {**io, **self.cache}, {**outputs, **self.cache})
 
     def prefill(self, tokens, start: int = 0) -> None:

@@ -12,14 +12,16 @@ FLOAT_FORMATS = ("float32", "fp16")
 QUANTS = (*FLOAT_FORMATS, "int8", "int4-b32", "int4-b128")
 DEFAULT_MAX_TOKENS = 4096
 SUFFIXES = (".litertlm", ".tflite")
+KV_CACHES = ("float32", "fp16")  # the KV cache's storage; attention computes in float32 either way
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportSettings:
     quant: str | None = None  # None: a quantized model keeps its own scheme, a float one exports float32
     prefill_lengths: tuple[int, ...] = (128, 512)
-    max_tokens: int | None = None  # the context the artifact holds (global layers' KV cache); None: 4096 or the
-    # model's own context if shorter
+    max_tokens: int | None = None  # the most context an app may ask when it loads the artifact (the global layers'
+    # KV cache); None: 4096 or the model's own context if shorter
+    kv_cache: str = "float32"
     embeddings: str | None = None  # a float model's embedding for int schemes: int8, int4 or float (None: the
     # scheme's own bits, so int4 schemes store a 4-bit table)
     verify: bool = True
@@ -34,6 +36,8 @@ class ExportSettings:
             raise NanoError(f"--out must end in {' or '.join(SUFFIXES)}, got {str(out)!r}")
         if self.quant is not None and self.quant not in QUANTS:
             raise NanoError(f"--quant must be one of {', '.join(QUANTS)}, got {self.quant!r}")
+        if self.kv_cache not in KV_CACHES:
+            raise NanoError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
         if self.embeddings is not None and self.embeddings not in EMBEDDINGS:
             raise NanoError(f"--embeddings must be one of {', '.join(EMBEDDINGS)}, got {self.embeddings!r}")
         if not 0 < self.ppl_tolerance < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 
@@ -20,9 +21,13 @@ def drop_closed_loop_reports() -> None:
     nothing that line does not, so exactly those reports are dropped, for the rest of the process (stragglers
     arrive until exit); any other unraisable error still reaches the previous hook. Likewise a write that fails
     (a full disk) leaves Orbax's pending writes as coroutines that are never awaited, each a RuntimeWarning when
-    it is collected, at any time up to exit. Idempotent."""
+    it is collected, and as asyncio tasks whose same failure nobody retrieved, each an ERROR record of the asyncio
+    logger, at any time up to exit. Idempotent."""
     warnings.filterwarnings("ignore", r"coroutine '.*(write_fragment|_serialize|_write).*' was never awaited",
                             RuntimeWarning)
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedDiskFull) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedDiskFull())
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_reports", False):
         return
@@ -35,3 +40,15 @@ def drop_closed_loop_reports() -> None:
 
     hook.drops_closed_loop_reports = True
     sys.unraisablehook = hook
+
+
+class _UnretrievedDiskFull(logging.Filter):
+    """Drops asyncio's "Task (Future, _GatheringFuture) exception was never retrieved" for a write that found the
+    disk full (reported once, in the error line); every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from nano.files import is_disk_full  # nano.files imports this module
+
+        error = record.exc_info[1] if record.exc_info else None
+        unretrieved = str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved")
+        return not (unretrieved and error is not None and is_disk_full(error))

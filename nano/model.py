@@ -26,8 +26,8 @@ _MASKED = -1e30  # a finite "minus infinity": a fully masked row cannot produce 
 class KVCache:
     """Keys and values of every layer, each [batch, kv_heads, slots, head_dim].
 
-    Each layer's cache is a ring: position p lives in slot p % slots. A global layer's ring is as long as the
-    context (slot p holds position p); a local layer needs only its window, so `zeros` gives it at most that.
+    A global layer's cache is as long as the context: position p lives in slot p. A local layer needs only its
+    window, so `zeros` gives it at most that many slots, as a ring: position p in slot p % slots.
     """
 
     k: tuple[jax.Array, ...]
@@ -76,43 +76,79 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, window: int | None, ca
     return mask
 
 
-def _cached_keys(kv, k, v, positions):
-    """Write a chunk into a layer's ring cache and say which keys its queries attend over.
+def _cached_keys(kv, k, v, positions, *, ring: bool):
+    """Write a chunk into a layer's cache and say which keys its queries attend over.
 
     k, v [B, KVH, T, hd] are the chunk's, at positions [B, T] that count up from positions[:, 0]. Rows whose
     position breaks that count are padding (LiteRT-LM pads a short last prefill chunk with position 0): they are
     neither attended to nor written. Returns (keys, values, key positions [B, S'], key valid [B, S'], new cache).
-
-    One token (decode) is written first and attends over the ring. A longer chunk attends over the ring as it was
-    plus itself, then writes its last rows: a ring only as long as the window stays exact for any chunk length.
     """
+    if ring:
+        return _ring_keys(kv, k, v, positions)
+    return _linear_keys(kv, k, v, positions)
+
+
+def _write_one(cache, x, slot):
+    """cache [B, KVH, S, hd] with x [B, KVH, 1, hd] written at slot [B]."""
+    if cache.shape[0] == 1:  # a plain dynamic-update-slice (a batched one exports as a scatter)
+        return jax.lax.dynamic_update_slice_in_dim(cache, x, slot[0], axis=2)
+    return jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new, s, axis=1))(cache, x, slot)
+
+
+def _write_rows(cache, x, slot_rows):
+    """cache with x's rows written where slot_rows [B, S] says (a row index into x's T rows, or < 0: keep). The
+    rows are gathered in x's dtype and then stored in the cache's (TFLite gathers no float16)."""
+    gather = jax.vmap(lambda rows_of, r: jnp.take(rows_of, r, axis=1))  # x [KVH, T, hd], r [S]
+    rows = jnp.clip(slot_rows, 0, x.shape[2] - 1)
+    return jnp.where((slot_rows >= 0)[:, None, :, None], gather(x, rows).astype(cache.dtype), cache)
+
+
+def _linear_keys(kv, k, v, positions):
+    """A global layer's cache, as long as the context: position p in slot p. The chunk is written first and the
+    queries attend over the whole cache. Nothing here depends on the cache's length but its shape, so an exported
+    artifact's context can be chosen when it loads (LiteRT rewrites shapes there; a constant computed from the
+    length, such as a modulus, it would leave as it was)."""
     cache_k, cache_v = kv
-    b, t, slots = positions.shape[0], positions.shape[1], cache_k.shape[2]
+    t, slots = positions.shape[1], cache_k.shape[2]
     start = positions[:, 0]
-    k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
+    j = jnp.arange(slots)[None, :]  # [1, S]
+    if t == 1:
+        last = start
+        new_k = _write_one(cache_k, k.astype(cache_k.dtype), start)
+        new_v = _write_one(cache_v, v.astype(cache_v.dtype), start)
+    else:
+        valid = positions == start[:, None] + jnp.arange(t)
+        last = start + jnp.sum(valid, axis=1) - 1
+        slot_rows = jnp.where((j >= start[:, None]) & (j <= last[:, None]), j - start[:, None], -1)
+        new_k, new_v = _write_rows(cache_k, k, slot_rows), _write_rows(cache_v, v, slot_rows)
+    held = jnp.where(j <= last[:, None], j, -1)
+    return new_k, new_v, held, held >= 0, (new_k, new_v)
+
+
+def _ring_keys(kv, k, v, positions):
+    """A local layer's ring of `slots` (at most its window): position p in slot p % slots. One token (decode) is
+    written first and attends over the ring. A longer chunk attends over the ring as it was plus itself, then
+    writes its last rows: a ring only as long as the window stays exact for any chunk length."""
+    cache_k, cache_v = kv
+    t, slots = positions.shape[1], cache_k.shape[2]
+    start = positions[:, 0]
     if t == 1:
         slot = jnp.mod(start, slots)
-        if b == 1:  # a plain dynamic-update-slice (a batched one exports as a scatter)
-            new_k, new_v = (jax.lax.dynamic_update_slice_in_dim(c, x, slot[0], axis=2)
-                            for c, x in ((cache_k, k), (cache_v, v)))
-        else:
-            write = jax.vmap(lambda cache, new, s: jax.lax.dynamic_update_slice_in_dim(cache, new, s, axis=1))
-            new_k, new_v = write(cache_k, k, slot), write(cache_v, v, slot)
+        new_k = _write_one(cache_k, k.astype(cache_k.dtype), slot)
+        new_v = _write_one(cache_v, v.astype(cache_v.dtype), slot)
         held = ring_positions(start, slots)
         return new_k, new_v, held, held >= 0, (new_k, new_v)
     valid = positions == start[:, None] + jnp.arange(t)
     held = ring_positions(start - 1, slots)
-    keys, values = jnp.concatenate([cache_k, k], axis=2), jnp.concatenate([cache_v, v], axis=2)
+    keys = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=2)
+    values = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=2)
     key_pos = jnp.concatenate([held, positions], axis=1)
     key_ok = jnp.concatenate([held >= 0, valid], axis=1)
     # Slot j now holds the chunk's latest row at a position congruent to j, if the chunk reached one.
     last = start + jnp.sum(valid, axis=1) - 1
     wanted = ring_positions(last, slots)
-    rows = jnp.clip(wanted - start[:, None], 0, t - 1)  # [B, S]
-    take = (wanted >= start[:, None])[:, None, :, None]
-    gather = jax.vmap(lambda x, r: jnp.take(x, r, axis=1))  # x [KVH, T, hd], r [S]
-    new_k = jnp.where(take, gather(k, rows), cache_k)
-    new_v = jnp.where(take, gather(v, rows), cache_v)
+    slot_rows = jnp.where(wanted >= start[:, None], wanted - start[:, None], -1)
+    new_k, new_v = _write_rows(cache_k, k, slot_rows), _write_rows(cache_v, v, slot_rows)
     return keys, values, key_pos, key_ok, (new_k, new_v)
 
 
@@ -132,7 +168,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(c.head_dim, eps=c.norm_eps)
         self.k_norm = RMSNorm(c.head_dim, eps=c.norm_eps)
 
-    def __call__(self, x, positions, segment_ids=None, kv=None):
+    def __call__(self, x, positions, segment_ids=None, kv=None, attention_bias=None):
         b, t, _ = x.shape
         kvh, g, hd = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q = self.q_norm(self.q_proj(x).reshape(b, t, self.num_heads, hd))  # [B, T, H, hd]
@@ -147,7 +183,7 @@ class Attention(nnx.Module):
             mask = attention_mask(positions, positions, window=self.window, causal_by_index=True,
                                   q_seg=segment_ids, k_seg=segment_ids)
         else:
-            keys, values, key_pos, key_ok, new_kv = _cached_keys(kv, k, v, positions)
+            keys, values, key_pos, key_ok, new_kv = _cached_keys(kv, k, v, positions, ring=not self.is_global)
             mask = attention_mask(positions, key_pos, window=self.window, causal_by_index=False)
             mask = mask & key_ok[:, None, :]
 
@@ -156,6 +192,8 @@ class Attention(nnx.Module):
         qg = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
         scores = jnp.matmul(qg, keys.astype(x.dtype).transpose(0, 1, 3, 2), preferred_element_type=jnp.float32)
         scores = scores.reshape(b, kvh, g, t, -1)
+        if attention_bias is not None and self.is_global and kv is not None:
+            scores = scores + attention_bias[:, :, None]  # [B, 1, T, S] over the cache's slots
         scores = jnp.where(mask[:, None, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype).reshape(b, kvh, g * t, -1)
         out = jnp.matmul(probs, values.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
@@ -185,8 +223,8 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
         self.post_mlp_norm = RMSNorm(config.d_model, eps=eps)
 
-    def __call__(self, x, positions, segment_ids=None, kv=None):
-        h, kv = self.attn(self.attn_norm(x), positions, segment_ids, kv)
+    def __call__(self, x, positions, segment_ids=None, kv=None, attention_bias=None):
+        h, kv = self.attn(self.attn_norm(x), positions, segment_ids, kv, attention_bias)
         x = x + self.post_attn_norm(h)
         x = x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
         return x, kv
@@ -214,12 +252,16 @@ class Decoder(nnx.Module):
         self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
-                 segment_ids: jax.Array | None = None, cache: KVCache | None = None, return_hidden: bool = False):
+                 segment_ids: jax.Array | None = None, cache: KVCache | None = None, return_hidden: bool = False,
+                 attention_bias: jax.Array | None = None):
         """tokens [B, T] int → (logits [B, T, vocab] float32, updated cache or None).
 
         positions [B, T] default to 0..T-1 and are required with a cache. segment_ids [B, T] keep packed
         documents from attending to each other (full sequences only). `return_hidden` returns the final-normed
         hidden states [B, T, d_model] instead of logits, for losses that apply `head` in vocabulary chunks.
+        `attention_bias` [B, 1, T, S] (with a cache) is added to the global layers' scores over the cache's S slots:
+        the LiteRT-LM engine's `mask` input (0 where a key may be seen, a large negative number where not), which
+        the export takes so that the engine finds the context in it; the model's own mask decides the same.
         """
         if positions is None:
             if cache is not None:
@@ -228,10 +270,10 @@ class Decoder(nnx.Module):
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids apply to full sequences, not cached decoding")
         with device_arithmetic(self.as_device):
-            hidden, new_cache = self._layers(tokens, positions, segment_ids, cache)
+            hidden, new_cache = self._layers(tokens, positions, segment_ids, cache, attention_bias)
         return (hidden if return_hidden else self.head(hidden)), new_cache
 
-    def _layers(self, tokens, positions, segment_ids, cache):
+    def _layers(self, tokens, positions, segment_ids, cache, attention_bias):
         """The final-normed hidden states [B, T, d_model] and the updated cache (or None)."""
         x = self.embedder.encode(tokens, self.dtype)
         new_k, new_v = [], []
@@ -240,7 +282,8 @@ class Decoder(nnx.Module):
             if policy is not None and cache is None:
                 x, kv = nnx.remat(lambda block, x: block(x, positions, segment_ids), policy=policy)(layer, x)
                 continue
-            x, kv = layer(x, positions, segment_ids, None if cache is None else (cache.k[i], cache.v[i]))
+            x, kv = layer(x, positions, segment_ids, None if cache is None else (cache.k[i], cache.v[i]),
+                          attention_bias)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

@@ -13,7 +13,7 @@ import pytest
 
 from checks import assert_refused_cleanly
 from export import bundle
-from export.graph import cache_names
+from export.graph import cache_names, context_placeholder
 from export.run import export
 from export.runtime import TFLiteRunner
 from export.settings import ExportSettings
@@ -78,19 +78,22 @@ def test_float32_export_matches_jax_through_every_signature(float_export, tiny_m
 
 def test_cache_layout_is_the_models_ring(float_export, tiny_model, tiny_tokenizer):
     """What the artifact's prefill writes into each kv_cache_* buffer equals the JAX model's KVCache after the same
-    tokens: global layers [1, kv_heads, context, head_dim], local layers a ring of window slots (position p in
-    slot p % window), K and V alike."""
+    tokens: global layers [1, kv_heads, context, head_dim] (in the file, the context placeholder: the smallest prime
+    above it, which the engine rewrites at load), local layers a ring of window slots (position p in slot
+    p % window), K and V alike."""
     _, plain = float_export
     runner = TFLiteRunner(plain["out"], threads=2)
     shapes = runner.cache_shapes
     assert list(shapes) == cache_names(TINY)
+    placeholder = context_placeholder(CONTEXT)
+    assert placeholder == 67 and runner.max_tokens == placeholder and runner.context_at_load
     for i, layer_type in enumerate(TINY.layer_types):
-        slots = CONTEXT if layer_type == "global" else TINY.sliding_window
+        slots = placeholder if layer_type == "global" else TINY.sliding_window
         assert shapes[f"kv_cache_k_{i}"] == shapes[f"kv_cache_v_{i}"] == (1, TINY.num_kv_heads, slots, TINY.head_dim)
     window = _window(tiny_tokenizer, 21)
     runner.prefill(window)  # 16 + a padded 16 (5 real rows): the padding must not land in the ring
     positions = jnp.arange(21)[None]
-    _, cache = tiny_model(jnp.asarray(window[None]), positions, cache=KVCache.zeros(TINY, 1, CONTEXT))
+    _, cache = tiny_model(jnp.asarray(window[None]), positions, cache=KVCache.zeros(TINY, 1, placeholder))
     for i in range(TINY.num_layers):
         for name, want in ((f"kv_cache_k_{i}", cache.k[i]), (f"kv_cache_v_{i}", cache.v[i])):
             shape = shapes[name]
@@ -202,7 +205,7 @@ def test_float_model_quantized_on_the_way(tiny_model_dir, tmp_path, quant):
 def test_weights_sit_after_the_flatbuffer_shared_by_every_signature(float_export, tiny_model):
     """Every weight is a constant whose bytes follow the flatbuffer at (offset, size), written once and shared by
     the signatures that use it, and equal to the model's (kernels in FULLY_CONNECTED's [out, in] layout); the
-    signatures take only tokens, positions and caches."""
+    signatures take only tokens, positions, the engine's mask and caches."""
     path = float_export[1]["out"]
     model, ops = _graph(path)
     params = {n: np.asarray(v) for n, v in flat_params(tiny_model).items()}
@@ -211,7 +214,7 @@ def test_weights_sit_after_the_flatbuffer_shared_by_every_signature(float_export
     assert header < len(data)
     for signature in model.signatureDefs:
         names = {t.name.decode() for t in signature.inputs}
-        assert names == {"tokens", "input_pos", *(n for n in names if n.startswith("kv_cache_"))}
+        assert names == {"tokens", "input_pos", "mask", *(n for n in names if n.startswith("kv_cache_"))}
     weight_buffers = {graph.tensors[op.inputs[1]].buffer for graph, op in ops["FULLY_CONNECTED"]}
     assert len(weight_buffers) == 4 * 7 + 1  # 7 projections per layer and the tied head, each stored once
     table = {graph.tensors[op.inputs[1]].buffer for graph, op in ops["EMBEDDING_LOOKUP"]}
