@@ -21,7 +21,8 @@ DEFAULTS = QuantizeSettings()
 @click.option("--block-size", default=str(DEFAULTS.block_size), show_default=True,
               help="Weights per int4 scale along the input dimension (32, 64, 128, ...) or 'channel'.")
 @click.option("--embeddings", type=click.Choice(EMBEDDINGS), default=DEFAULTS.embeddings, show_default=True,
-              help="The tied embedding / output head: int8 per row, int4 in blocks, or kept float.")
+              help="The tied embedding / output head: int8 per row, int4 in blocks (with --method gptq calibrated "
+                   "as the head: half the bytes each decoded token reads, at some cost in quality), or kept float.")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
               help="Calibration text for GPTQ/AWQ (default: the stdlib corpus's train split).")
 @click.option("--samples", default=DEFAULTS.samples, show_default=True, help="Calibration sequences.")

@@ -54,10 +54,11 @@ def _block_stats(graphdef, state, x, positions):
 
 
 def walk_blocks(model, tokens: np.ndarray, on_block: Callable[[int, object, dict[str, InputStats]], None], *,
-                batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> None:
+                batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> InputStats:
     """For each block in order: gather its projections' input statistics over `tokens` [N, T] (inputs made by
     the blocks before it, as already processed), call on_block(index, block, {"attn.q_proj": stats, ...}) to
-    quantize it in place, then run it to make the next block's inputs."""
+    quantize it in place, then run it to make the next block's inputs. Returns the statistics of the output
+    head's input: the last block's output, final-normed, as the quantized blocks make it."""
     n, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (min(batch_size, n), t))
     xs = [model.embedder.encode(jnp.asarray(tokens[i:i + batch_size]), model.dtype) for i in range(0, n, batch_size)]
@@ -84,3 +85,17 @@ def walk_blocks(model, tokens: np.ndarray, on_block: Callable[[int, object, dict
         xs = [run(quantized_graph, quantized_state, x, positions[: x.shape[0]]) for x in xs]
         if progress:
             progress(index + 1, len(model.layers))
+    return _head_stats(model, xs, n * t)
+
+
+def _head_stats(model, xs: list[jax.Array], count: int) -> InputStats:
+    graphdef, state = nnx.split(model.final_norm)
+
+    @jax.jit
+    def sums(s, x):
+        h = nnx.merge(graphdef, s)(x).reshape(-1, x.shape[-1]).astype(jnp.float32)
+        return jnp.matmul(h.T, h, precision="highest"), jnp.sum(jnp.abs(h), axis=0)
+
+    parts = [[np.asarray(a, np.float64) for a in sums(state, x)] for x in xs]
+    hessian, mean_abs = (sum(p[i] for p in parts) / count for i in range(2))
+    return InputStats(hessian, mean_abs, count)

@@ -97,7 +97,10 @@ def test_awq_folding_keeps_each_block_s_float_function(tiny_model, tiny_tokenize
 def test_calibration_hessian_is_the_input_second_moment(tiny_model):
     tokens = np.random.default_rng(6).integers(4, 512, size=(4, 16)).astype(np.int32)
     got = {}
-    walk_blocks(tiny_model, tokens, lambda i, block, stats: got.setdefault(i, stats), batch_size=3)
+    head = walk_blocks(tiny_model, tokens, lambda i, block, stats: got.setdefault(i, stats), batch_size=3)
+    hidden = np.asarray(tiny_model(jnp.asarray(tokens), return_hidden=True)[0], np.float64).reshape(-1, 64)
+    np.testing.assert_allclose(head.hessian, hidden.T @ hidden / len(hidden), rtol=1e-4, atol=1e-6)
+    assert head.tokens == 64  # the head's input: the blocks' output, final-normed
     x = tiny_model.embedder.encode(jnp.asarray(tokens), jnp.float32)
     normed = np.asarray(tiny_model.layers[0].attn_norm(x), np.float64).reshape(-1, 64)
     stats = got[0]["attn.q_proj"]
@@ -126,6 +129,29 @@ def test_quantize_model_methods(tiny_model, tiny_tokenizer, calibration_file, me
     assert np.all(np.isfinite(np.asarray(q(tokens)[0])))
     with pytest.raises(NanoError, match="already quantized"):
         quantize_model(q, tiny_tokenizer, settings)
+
+
+def test_gptq_calibrates_an_int4_head_better_than_rtn(tiny_model, tiny_tokenizer, calibration_file):
+    """With --embeddings int4, GPTQ quantizes the tied table as the output head, on the final hidden states the
+    quantized blocks make: the logits' error over those states is below round-to-nearest's codes (same scales)."""
+    from nano.perplexity import calibration_windows
+
+    settings = QuantizeSettings(method="gptq", embeddings="int4", calibration=str(calibration_file), samples=8,
+                                seq_len=32)
+    q, info = quantize_model(tiny_model, tiny_tokenizer, settings)
+    table = flat_params(q)["embedder.embedding"]
+    assert info["head"] == "gptq" and table.spec == QuantSpec(4, 32, 1) and table.codes.shape == (512, 64)
+    tokens = calibration_windows(tiny_tokenizer, calibration_file.read_text(), samples=8, seq_len=32)
+    hidden = np.asarray(q(jnp.asarray(tokens), return_hidden=True)[0], np.float64).reshape(-1, 64)
+    float_table = np.asarray(flat_params(tiny_model)["embedder.embedding"], np.float64)
+    rtn = quantize_rtn(jnp.asarray(float_table, jnp.float32), table.spec)
+
+    def logit_error(quantized) -> float:
+        return float(np.sum((hidden @ (float_table - np.asarray(quantized.dequantize(), np.float64)).T) ** 2))
+
+    assert logit_error(table) < 0.8 * logit_error(rtn)
+    _, plain = quantize_model(tiny_model, tiny_tokenizer, QuantizeSettings(method="rtn", embeddings="int4"))
+    assert "head" not in plain  # RTN rounds the table as it does everything
 
 
 def test_quantize_refuses_a_block_size_that_does_not_divide(tiny_model, tiny_tokenizer):
