@@ -8,10 +8,9 @@ import json
 
 import click
 
-from nano.errors import NanoError
-
 from cli.common import CONTEXT, Group
 from distill.settings import DTYPES, LOSS_KINDS, REMAT, SAMPLE_MODES, SPARSE_TARGETS, DistillSettings
+from nano.errors import NanoError
 from nano.quant_scheme import EMBEDDINGS
 
 DEFAULTS = DistillSettings()

@@ -259,6 +259,7 @@ def _train_and_save(ctx: RunContext, job: TrainJob, run_dir: Path, *, resume: bo
     plot_run(run_dir)
     return report
 
+
 def _qat_specs(settings: DistillSettings, config):
     if settings.qat is None:
         return None

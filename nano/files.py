@@ -25,11 +25,11 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 def is_disk_full(error: BaseException) -> bool:
     """Did this write fail for want of space? An OSError says so by its errno; the checkpoint library's storage
-    layer (tensorstore) raises a ValueError whose message carries RESOURCE_EXHAUSTED or the system's words."""
+    layer (tensorstore) raises a ValueError whose message carries the system's words (not only RESOURCE_EXHAUSTED,
+    which XLA also says when memory runs out)."""
     if isinstance(error, OSError):
         return error.errno in _NO_SPACE
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or os.strerror(errno.ENOSPC) in text
+    return any(os.strerror(code) in str(error) for code in _NO_SPACE)
 
 
 def free_bytes(path: str | Path) -> int:

@@ -104,7 +104,8 @@ def _write_rows(cache, x, slot_rows):
 
 
 def _linear_keys(kv, k, v, positions):
-    """A global layer's cache, as long as the context: position p in slot p. The chunk is written first and the
+    """A cache as long as the context (a global layer's, or a local one's shorter than its window): position p
+    in slot p. The chunk is written first and the
     queries attend over the whole cache. Nothing here depends on the cache's length but its shape, so an exported
     artifact's context can be chosen when it loads (LiteRT rewrites shapes there; a constant computed from the
     length, such as a modulus, it would leave as it was)."""
@@ -183,7 +184,9 @@ class Attention(nnx.Module):
             mask = attention_mask(positions, positions, window=self.window, causal_by_index=True,
                                   q_seg=segment_ids, k_seg=segment_ids)
         else:
-            keys, values, key_pos, key_ok, new_kv = _cached_keys(kv, k, v, positions, ring=not self.is_global)
+            # A local layer's cache is a ring once it is window-long; shorter, it holds the whole context.
+            ring = self.window is not None and kv[0].shape[2] >= self.window
+            keys, values, key_pos, key_ok, new_kv = _cached_keys(kv, k, v, positions, ring=ring)
             mask = attention_mask(positions, key_pos, window=self.window, causal_by_index=False)
             mask = mask & key_ok[:, None, :]
 

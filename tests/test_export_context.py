@@ -117,3 +117,25 @@ def test_an_fp16_cache_halves_its_bytes_and_scores_like_float32(tiny_model_dir, 
     assert f16["ppl_tokens"] == f32["ppl_tokens"] > 500
     assert f16["ppl"] != f32["ppl"] and abs(f16["ppl"] / f32["ppl"] - 1) < 0.01
     assert f16["kv_cache_bytes"] * 2 == f32["kv_cache_bytes"]
+
+
+def test_a_context_shorter_than_the_window(tiny_tokenizer, tmp_path):
+    """--max-tokens below the sliding window: the local layers' caches hold the whole context (the placeholder,
+    13 for 12), not a ring whose modulus the engine's rewrite could not reach; greedy equals JAX at 10 and 12."""
+    import litert_lm
+
+    model = init_model(CONFIG, seed=4)
+    source = save_model(model, tiny_tokenizer, tmp_path / "model")
+    out = export(str(source), tmp_path / "short.litertlm", ExportSettings(prefill_lengths=(4,), max_tokens=12))["out"]
+    ids = [tiny_tokenizer.bos_id, *tiny_tokenizer.encode("def")]
+    litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+    for context in (10, 12):
+        steps = context - len(ids) - 1
+        want = Generator(model, SamplingConfig(temperature=0.0)).generate(ids, max_new_tokens=steps,
+                                                                          stop_ids=tuple(tiny_tokenizer.stop_ids))
+        with litert_lm.Engine(out, backend=litert_lm.Backend.CPU(thread_count=2), cache_dir=str(tmp_path),
+                              max_num_tokens=context) as engine:
+            session = engine.create_session(apply_prompt_template=False, max_output_tokens=steps,
+                                            sampler_config=litert_lm.SamplerConfig(top_k=1))
+            session.run_prefill(["def"])
+            assert steps > 2 and session.run_decode().texts[0] == engine.detokenize(want)
