@@ -8,7 +8,7 @@ import click
 
 from cli.common import CONTEXT
 from nano.quant_scheme import EMBEDDINGS
-from quantize.settings import METHODS, QuantizeSettings, parse_block_size
+from quantize.settings import METHODS, PROJECTIONS, QuantizeSettings, parse_block_size, parse_projections
 
 DEFAULTS = QuantizeSettings()
 
@@ -23,6 +23,11 @@ DEFAULTS = QuantizeSettings()
 @click.option("--embeddings", type=click.Choice(EMBEDDINGS), default=DEFAULTS.embeddings, show_default=True,
               help="The tied embedding / output head: int8 per row, int4 in blocks (with --method gptq calibrated "
                    "as the head: half the bytes each decoded token reads, at some cost in quality), or kept float.")
+@click.option("--int8", "int8", default="", metavar="NAMES",
+              help="Projections kept at int8 per channel in every block, comma-separated "
+                   f"({', '.join(PROJECTIONS)}), as llama.cpp's Q4_K_M keeps attn_v and ffn_down at 6 bits: "
+                   "attn.v_proj,mlp.down took the make-distill student from +5.8% to +3.3% bits per byte over "
+                   "float for 15% more bytes.")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
               help="Calibration text for GPTQ/AWQ (default: the stdlib corpus's train split).")
 @click.option("--samples", default=DEFAULTS.samples, show_default=True, help="Calibration sequences.")
@@ -35,8 +40,8 @@ DEFAULTS = QuantizeSettings()
 @click.option("--no-eval", is_flag=True, help="Skip the comparison with the float model.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def quantize_cmd(model, out, method, block_size, embeddings, calibration, samples, seq_len, act_order, damp,
-                 eval_text, no_eval, force, as_json):
+def quantize_cmd(model, out, method, block_size, embeddings, int8, calibration, samples, seq_len, act_order,
+                 damp, eval_text, no_eval, force, as_json):
     """Quantize MODEL's weights to 4 bits (symmetric int4 in blocks along the input dimension, LiteRT's scheme).
 
     \b
@@ -50,7 +55,7 @@ def quantize_cmd(model, out, method, block_size, embeddings, calibration, sample
 
     settings = QuantizeSettings(method=method, block_size=parse_block_size(block_size), embeddings=embeddings,
                                 calibration=calibration, samples=samples, seq_len=seq_len, act_order=act_order,
-                                damp=damp)
+                                damp=damp, int8=parse_projections(int8))
     result = quantize(model, out, settings, eval_path=eval_text, evaluate=not no_eval, force=force)
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -24,10 +24,10 @@ CLIPS = np.linspace(1.0, 0.5, 11)  # block-maximum fractions searched
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
-def _scaled_error(kernels, hessian, channel_scale, spec: QuantSpec):
-    """Σ over kernels of tr(ΔᵀHΔ), Δ = W − Q(s·W)/s, with s scaling the input rows."""
+def _scaled_error(kernels, hessian, channel_scale, specs: tuple[QuantSpec, ...]):
+    """Σ over kernels of tr(ΔᵀHΔ), Δ = W − Q(s·W)/s, with s scaling the input rows (each kernel in its spec)."""
     total = 0.0
-    for w in kernels:
+    for w, spec in zip(kernels, specs):
         scaled = w * channel_scale[:, None]
         q = _rtn(scaled, spec) / channel_scale[:, None]
         delta = w - q
@@ -41,7 +41,7 @@ def _rtn(w, spec: QuantSpec, clip=1.0):
     return QuantizedWeight(codes=codes_for(w, scales, spec), scales=scales, spec=spec).dequantize()
 
 
-def search_scale(kernels: list[np.ndarray], hessian: np.ndarray, mean_abs: np.ndarray, spec: QuantSpec,
+def search_scale(kernels: list[np.ndarray], hessian: np.ndarray, mean_abs: np.ndarray, specs: list[QuantSpec],
                  *, heads: tuple[int, int, int] | None = None) -> np.ndarray:
     """The per-input-channel scale s = mean|x|^α (normalised) with the α that minimises the kernels' output error.
 
@@ -56,7 +56,7 @@ def search_scale(kernels: list[np.ndarray], hessian: np.ndarray, mean_abs: np.nd
     for ratio in RATIOS:
         s = salience ** ratio
         s = s / np.sqrt(s.max() * s.min())  # centred in log space: scales neither all up nor all down
-        error = float(_scaled_error(kernels, h, jnp.asarray(s, jnp.float32), spec))
+        error = float(_scaled_error(kernels, h, jnp.asarray(s, jnp.float32), tuple(specs)))
         if best is None or error < best:
             best, best_scale = error, s
     return best_scale

@@ -40,7 +40,7 @@ def quantize_model(model, tokenizer, settings: QuantizeSettings, *, progress: Pr
     params = flat_params(model)
     if any(isinstance(v, QuantizedWeight) for v in params.values()):
         raise NanoError("the model is already quantized; quantize its float source instead")
-    specs = settings.scheme.tensor_specs(params, embeddings=settings.embeddings)
+    specs = settings.tensor_specs(params)
     for name, spec in specs.items():
         try:
             spec.block(params[name].shape)
@@ -60,7 +60,7 @@ def quantize_model(model, tokenizer, settings: QuantizeSettings, *, progress: Pr
         text, source = text_or_split(settings.calibration, "train", max_chars=settings.samples * settings.seq_len * 8)
         tokens = calibration_windows(tokenizer, text, samples=settings.samples, seq_len=settings.seq_len)
         on_block = functools.partial(_gptq_block if settings.method == "gptq" else _awq_block, settings=settings,
-                                     spec=QuantSpec(4, settings.block_size, 0), config=model.config)
+                                     specs=specs, config=model.config)
         head = walk_blocks(qmodel, tokens, on_block,
                            progress=progress and (lambda done, total: progress(f"{settings.method} blocks", done,
                                                                                 total)))
@@ -87,20 +87,26 @@ def _module(block, name: str):
     return functools.reduce(getattr, name.split("."), block)
 
 
-def _gptq_block(index, block, stats: dict[str, InputStats], *, settings, spec, config) -> None:
+def _kernel_spec(specs: dict[str, QuantSpec], index: int, name: str) -> QuantSpec:
+    return specs[f"layers.{index}.{name}.kernel"]
+
+
+def _gptq_block(index, block, stats: dict[str, InputStats], *, settings, specs, config) -> None:
     for name, stat in stats.items():
         linear = _module(block, name)
         kernel = np.asarray(linear.kernel.get_value())
-        linear.kernel.set_value(gptq(kernel, stat.hessian, spec, damp=settings.damp, act_order=settings.act_order))
+        linear.kernel.set_value(gptq(kernel, stat.hessian, _kernel_spec(specs, index, name), damp=settings.damp,
+                                     act_order=settings.act_order))
 
 
-def _awq_block(index, block, stats: dict[str, InputStats], *, settings, spec, config) -> None:
-    kernels, hessians = awq_scale_and_fold(block, stats, spec, config)
+def _awq_block(index, block, stats: dict[str, InputStats], *, settings, specs, config) -> None:
+    block_specs = {name: _kernel_spec(specs, index, name) for name in stats}
+    kernels, hessians = awq_scale_and_fold(block, stats, block_specs, config)
     for name, kernel in kernels.items():
-        _module(block, name).kernel.set_value(awq.clip_and_quantize(kernel, hessians[name], spec))
+        _module(block, name).kernel.set_value(awq.clip_and_quantize(kernel, hessians[name], block_specs[name]))
 
 
-def awq_scale_and_fold(block, stats: dict[str, InputStats], spec: QuantSpec, config):
+def awq_scale_and_fold(block, stats: dict[str, InputStats], specs: dict[str, QuantSpec], config):
     """Search the four input groups' scales on the float weights and fold 1/s into the norms and projections that
     make those inputs (in the block, in place). Returns the scaled kernels still to be rounded, and the Hessians
     of their (now scaled) inputs; the block's float function is unchanged."""
@@ -115,7 +121,8 @@ def awq_scale_and_fold(block, stats: dict[str, InputStats], spec: QuantSpec, con
     hessians = {}
     for names, fold_into, tie in groups:
         stat = stats[names[0]]
-        s = awq.search_scale([kernels[n] for n in names], stat.hessian, stat.mean_abs, spec, heads=tie)
+        s = awq.search_scale([kernels[n] for n in names], stat.hessian, stat.mean_abs, [specs[n] for n in names],
+                             heads=tie)
         for n in names:
             kernels[n] = kernels[n] * s[:, None]
             hessians[n] = stat.hessian / np.outer(s, s)  # the inputs are now X / s

@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 from nano.errors import NanoError
-from nano.quant_scheme import EMBEDDINGS, QuantScheme
+from nano.quant_scheme import CHANNEL, EMBEDDINGS, QuantScheme, QuantSpec
 
 METHODS = ("rtn", "gptq", "awq")
+# A decoder block's projections, as --int8 names them.
+PROJECTIONS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate", "mlp.up", "mlp.down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +23,7 @@ class QuantizeSettings:
     seq_len: int = 512
     act_order: bool = True  # GPTQ
     damp: float = 0.01  # GPTQ: Hessian damping, a fraction of its mean diagonal
+    int8: tuple[str, ...] = ()  # projections (PROJECTIONS) kept at int8 per channel in every block
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -33,6 +36,9 @@ class QuantizeSettings:
             raise NanoError(f"--block-size: {e}") from None
         if self.samples < 1 or self.seq_len < 2:
             raise NanoError("--samples must be at least 1 and --seq-len at least 2")
+        unknown = [name for name in self.int8 if name not in PROJECTIONS]
+        if unknown:
+            raise NanoError(f"--int8 takes projection names ({', '.join(PROJECTIONS)}), got {', '.join(unknown)}")
         if not 0 < self.damp < 1:
             raise NanoError(f"--damp must be in (0, 1), got {self.damp}")
 
@@ -40,8 +46,21 @@ class QuantizeSettings:
     def scheme(self) -> QuantScheme:
         return QuantScheme(4, self.block_size)
 
+    def tensor_specs(self, names) -> dict[str, QuantSpec]:
+        """The scheme's spec of each parameter, the --int8 projections' kernels int8 per channel instead."""
+        specs = self.scheme.tensor_specs(names, embeddings=self.embeddings)
+        for name in specs:
+            if any(name.endswith(f".{projection}.kernel") for projection in self.int8):
+                specs[name] = QuantSpec(8, CHANNEL, 0)
+        return specs
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def parse_projections(text: str | None) -> tuple[str, ...]:
+    """'mlp.down,attn.v_proj' → ('mlp.down', 'attn.v_proj'); checked by QuantizeSettings.check."""
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
 def parse_block_size(text: str) -> int:

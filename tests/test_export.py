@@ -158,6 +158,31 @@ def test_int4_codes_reach_the_file_unchanged(gptq_dir, float_export, tmp_path):
     assert result["bytes"] < 0.4 * float_export[1]["bytes"]
 
 
+def test_int8_projections_beside_int4_reach_the_file(tiny_model, tiny_tokenizer, tmp_path):
+    """`nano quantize --int8 mlp.down`: the down kernels' int8 per-channel codes and the rest's int4 blocks are
+    all in the .tflite as they are in the model, and the artifact verifies against the device model."""
+    calibration = tmp_path / "text.txt"
+    from hf_tiny import training_text
+
+    calibration.write_text("\n".join(training_text()))
+    settings = QuantizeSettings(method="gptq", calibration=str(calibration), samples=8, seq_len=32, int8=("mlp.down",))
+    qmodel, info = quantize_model(tiny_model, tiny_tokenizer, settings)
+    model_dir = save_model(qmodel, tiny_tokenizer, tmp_path / "mixed", quant_info=info)
+    result = export(str(model_dir), tmp_path / "mixed.tflite", ExportSettings(**SMALL))
+    assert result["verification"]["ok"]
+    stored = list(read_back(tmp_path / "mixed.tflite"))
+    kinds = set()
+    for name, weight in flat_params(qmodel).items():
+        if isinstance(weight, QuantizedWeight) and name.endswith(".kernel"):
+            codes, scales = tflite_layout(weight)
+            match = [s for s in stored if s["codes"].shape == codes.shape and np.array_equal(s["codes"], codes)
+                     and np.array_equal(np.asarray(s["scales"], np.float32).reshape(-1),
+                                        np.asarray(scales, np.float32).reshape(-1))]
+            assert match, name
+            kinds.add((name.endswith("mlp.down.kernel"), weight.spec.bits))
+    assert kinds == {(True, 8), (False, 4)}
+
+
 def _graph(path):
     """(model object, {op name: [(subgraph, operator)]}) of a .tflite, parsed with the TFLite schema."""
     import mmap

@@ -65,7 +65,7 @@ def test_awq_search_and_clip_lower_the_output_error():
     x = correlated_inputs(seed=3)
     w = np.random.default_rng(4).normal(size=(128, 64)) * 0.05
     h = x.T @ x / len(x)
-    s = awq.search_scale([w], h, np.abs(x).mean(0), SPEC)
+    s = awq.search_scale([w], h, np.abs(x).mean(0), [SPEC])
     scaled = awq.clip_and_quantize(w * s[:, None], h / np.outer(s, s), SPEC)
     restored = np.asarray(scaled.dequantize(), np.float64) / s[:, None]
     awq_error = float(np.mean((x @ w - x @ restored) ** 2))
@@ -83,7 +83,7 @@ def test_awq_folding_keeps_each_block_s_float_function(tiny_model, tiny_tokenize
         x = jnp.asarray(np.random.default_rng(index).normal(size=(2, 24, 64)), jnp.float32)
         pos = jnp.broadcast_to(jnp.arange(24), (2, 24))
         before, _ = block(x, pos)
-        awq_scale_and_fold(block, stats, SPEC, model.config)
+        awq_scale_and_fold(block, stats, dict.fromkeys(stats, SPEC), model.config)
         after, _ = block(x, pos)
         np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
         seen.append(sorted(stats))
@@ -152,6 +152,36 @@ def test_gptq_calibrates_an_int4_head_better_than_rtn(tiny_model, tiny_tokenizer
     assert logit_error(table) < 0.8 * logit_error(rtn)
     _, plain = quantize_model(tiny_model, tiny_tokenizer, QuantizeSettings(method="rtn", embeddings="int4"))
     assert "head" not in plain  # RTN rounds the table as it does everything
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_int8_projections_beside_int4(tiny_model, tiny_tokenizer, calibration_file, method):
+    """--int8 mlp.down,attn.v_proj: those kernels int8 per channel in every block (calibrated by the same method),
+    the rest int4; the model's logits come closer to the float model's than all-int4's."""
+    common = dict(method=method, calibration=str(calibration_file), samples=8, seq_len=32)
+    mixed, info = quantize_model(tiny_model, tiny_tokenizer, QuantizeSettings(**common, int8=("mlp.down",
+                                                                                             "attn.v_proj")))
+    plain, _ = quantize_model(tiny_model, tiny_tokenizer, QuantizeSettings(**common))
+    params = flat_params(mixed)
+    for i in range(tiny_model.config.num_layers):
+        assert params[f"layers.{i}.mlp.down.kernel"].spec == QuantSpec(8, 0, 0)
+        assert params[f"layers.{i}.attn.v_proj.kernel"].spec == QuantSpec(8, 0, 0)
+        assert params[f"layers.{i}.mlp.up.kernel"].spec == SPEC
+    assert info["settings"]["int8"] == ("mlp.down", "attn.v_proj")
+    tokens = jnp.asarray(tiny_tokenizer.encode(calibration_file.read_text()[:2000])[:96])[None]
+    reference = np.asarray(tiny_model(tokens)[0])
+
+    def error(model) -> float:
+        return float(np.mean((np.asarray(model(tokens)[0]) - reference) ** 2))
+
+    assert error(mixed) < 0.9 * error(plain)
+
+
+def test_quantize_refuses_unknown_int8_projections(tiny_model_dir, tmp_path):
+    out = tmp_path / "q"
+    result = CliRunner().invoke(cli, ["quantize", str(tiny_model_dir), "--out", str(out), "--int8", "mlp.down,ffn"])
+    assert result.exit_code == 1 and "--int8 takes projection names" in result.output and "ffn" in result.output
+    assert result.output.count("\n") == 1 and not out.exists()
 
 
 def test_quantize_refuses_a_block_size_that_does_not_divide(tiny_model, tiny_tokenizer):
