@@ -101,13 +101,40 @@ def test_perplexity_as_device_on_a_quantized_model_and_refused_on_a_float_one(ti
 
 
 @pytest.mark.slow
-def test_the_teachers_rtn_int4_export_verifies_against_the_device_model(teacher_dir, tmp_path):
-    """`nano-export gemma3-270m --quant int4-b32` (RTN on the way): the artifact's perplexity on held-out text
-    within 1% of the device model's, where the plain JAX model is off by more (4.6% on an AMD EPYC with AVX-512,
-    4.2% on one with AVX2 only)."""
-    out = subprocess.run([str(Path(sys.executable).parent / "nano-export"), str(teacher_dir), "--quant", "int4-b32",
+def test_the_teachers_rtn_int4_export_verifies_and_the_device_model_predicts_it(teacher_dir, tmp_path):
+    """`nano-export gemma3-270m --quant int4-b32` (RTN on the way) verifies; then on 16,000 held-out characters
+    (3,868 tokens) the artifact's perplexity, through `nano bench --text`, lies within 1.5% of the device model's
+    (`nano perplexity --as-device` of the same RTN codes from `nano quantize --method rtn`), where the plain JAX
+    model is off by more than twice as much.
+
+    Why a long text and not the export's own 511 decoded tokens: the int8 rounding of activations is a noise whose
+    realization changes with any float difference upstream. Scaling one norm by 1 + 1e-6 moves the device model's
+    perplexity over those 511 tokens between 16.60 and 16.99 (std 1.0%; the artifact 17.03, and the device model
+    17.22 on an Intel Xeon), against 15.85 to 16.03 over 3,868 tokens (std 0.5%; the artifact 15.91, the plain
+    model 15.52), measured on an AMD EPYC with AVX-512."""
+    bin_dir = Path(sys.executable).parent
+    out = subprocess.run([str(bin_dir / "nano-export"), str(teacher_dir), "--quant", "int4-b32",
                           "--out", str(tmp_path / "teacher.tflite"), "--json"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    v = json.loads(out.stdout)["verification"]
-    assert v["ok"] and abs(v["ppl_artifact"] / v["ppl_device"] - 1) < 0.01, v
-    assert abs(v["ppl_artifact"] / v["ppl_jax"] - 1) > 2 * abs(v["ppl_artifact"] / v["ppl_device"] - 1), v
+    assert json.loads(out.stdout)["verification"]["ok"]
+
+    from nano.corpus import corpus_text
+
+    text = tmp_path / "heldout.txt"
+    text.write_text(corpus_text("heldout", max_chars=16000))
+    quantized = _nano("quantize", teacher_dir, "--method", "rtn", "--embeddings", "int4", "--no-eval",
+                      "--out", tmp_path / "rtn")
+    assert quantized.exit_code == 0, quantized.output
+
+    def run_json(*args) -> dict:
+        result = subprocess.run([str(bin_dir / "nano"), *map(str, args), "--json"], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(result.stdout)
+
+    artifact = run_json("bench", tmp_path / "teacher.tflite", "--model", teacher_dir, "--text", text,
+                     "--prefill-tokens", "8", "--decode-tokens", "8", "--repeats", "1")
+    device = run_json("perplexity", tmp_path / "rtn", "--text", text, "--as-device")
+    plain = run_json("perplexity", tmp_path / "rtn", "--text", text)
+    assert artifact["ppl_tokens"] == device["tokens"] == plain["tokens"] > 3000
+    device_gap, plain_gap = abs(artifact["ppl"] / device["ppl"] - 1), abs(artifact["ppl"] / plain["ppl"] - 1)
+    assert device_gap < 0.015 and plain_gap > 2 * device_gap, (artifact, device, plain)
