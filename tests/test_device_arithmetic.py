@@ -132,7 +132,7 @@ def test_the_teachers_rtn_int4_export_verifies_and_the_device_model_predicts_it(
         return json.loads(result.stdout)
 
     artifact = run_json("bench", tmp_path / "teacher.tflite", "--model", teacher_dir, "--text", text,
-                     "--prefill-tokens", "8", "--decode-tokens", "8", "--repeats", "1")
+                        "--prefill-tokens", "8", "--decode-tokens", "8", "--repeats", "1")
     device = run_json("perplexity", tmp_path / "rtn", "--text", text, "--as-device")
     plain = run_json("perplexity", tmp_path / "rtn", "--text", text)
     assert artifact["ppl_tokens"] == device["tokens"] == plain["tokens"] > 3000
