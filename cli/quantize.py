@@ -28,6 +28,11 @@ DEFAULTS = QuantizeSettings()
                    f"({', '.join(PROJECTIONS)}), as llama.cpp's Q4_K_M keeps attn_v and ffn_down at 6 bits: "
                    "attn.v_proj,mlp.down took the make-distill student from +5.8% to +3.3% bits per byte over "
                    "float for 15% more bytes.")
+@click.option("--rotate", default=DEFAULTS.rotate, show_default=True, metavar="BLOCK",
+              help="Multiply the MLP down projection's input and kernel by a block-diagonal Hadamard matrix of "
+                   "this block (a power of two; 0: none): the same function with its outlier channels spread, so "
+                   "int4 rounds it with less loss (make-distill student, GPTQ: +5.8% → +4.2% bits per byte over "
+                   "float); the artifact computes it as one small float matmul per layer.")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
               help="Calibration text for GPTQ/AWQ (default: the stdlib corpus's train split).")
 @click.option("--samples", default=DEFAULTS.samples, show_default=True, help="Calibration sequences.")
@@ -40,7 +45,7 @@ DEFAULTS = QuantizeSettings()
 @click.option("--no-eval", is_flag=True, help="Skip the comparison with the float model.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def quantize_cmd(model, out, method, block_size, embeddings, int8, calibration, samples, seq_len, act_order,
+def quantize_cmd(model, out, method, block_size, embeddings, int8, rotate, calibration, samples, seq_len, act_order,
                  damp, eval_text, no_eval, force, as_json):
     """Quantize MODEL's weights to 4 bits (symmetric int4 in blocks along the input dimension, LiteRT's scheme).
 
@@ -55,7 +60,7 @@ def quantize_cmd(model, out, method, block_size, embeddings, int8, calibration, 
 
     settings = QuantizeSettings(method=method, block_size=parse_block_size(block_size), embeddings=embeddings,
                                 calibration=calibration, samples=samples, seq_len=seq_len, act_order=act_order,
-                                damp=damp, int8=parse_projections(int8))
+                                damp=damp, int8=parse_projections(int8), rotate=rotate)
     result = quantize(model, out, settings, eval_path=eval_text, evaluate=not no_eval, force=force)
     if as_json:
         click.echo(json.dumps(result, indent=2))

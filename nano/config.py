@@ -45,6 +45,9 @@ class ModelConfig:
     max_seq_len: int = 32_768
     architecture: str = "gemma3"
     layer_kinds: tuple[str, ...] | None = None
+    # The MLP rotates its down projection's input by a block-diagonal Hadamard matrix of this block size and the
+    # down kernel is stored rotated to match (nano.rotation): the same function, easier to quantize.
+    ffn_rotation: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_dim",
@@ -71,6 +74,10 @@ class ModelConfig:
             if self.sliding_window is None and LOCAL in kinds:
                 raise ValueError("local layers need a sliding_window")
             object.__setattr__(self, "layer_kinds", None if kinds == self._pattern() else kinds)
+        if self.ffn_rotation is not None:
+            block = self.ffn_rotation
+            if not isinstance(block, int) or block < 2 or block & (block - 1) or self.ffn_dim % block:
+                raise ValueError(f"ffn_rotation must be a power of two dividing ffn_dim ({self.ffn_dim}), got {block!r}")
 
     # Derived values.
     def _pattern(self) -> tuple[str, ...]:
@@ -114,6 +121,8 @@ class ModelConfig:
             del data["layer_kinds"]
         else:
             data["layer_kinds"] = list(self.layer_kinds)
+        if self.ffn_rotation is None:  # the same
+            del data["ffn_rotation"]
         return data
 
     def to_json(self) -> str:

@@ -18,6 +18,7 @@ from flax import nnx
 
 from nano.config import GLOBAL, ModelConfig
 from nano.layers import Embedder, Linear, RMSNorm, apply_rope, as_array, device_arithmetic, integer_input
+from nano.rotation import rotate_last
 
 _MASKED = -1e30  # a finite "minus infinity": a fully masked row cannot produce NaN
 
@@ -209,9 +210,13 @@ class MLP(nnx.Module):
         self.gate = Linear(config.d_model, config.ffn_dim, rngs=rngs)
         self.up = Linear(config.d_model, config.ffn_dim, rngs=rngs)
         self.down = Linear(config.ffn_dim, config.d_model, rngs=rngs)
+        self.rotation = config.ffn_rotation
 
     def __call__(self, x):
-        return self.down(jax.nn.gelu(self.gate(x), approximate=True) * self.up(x))
+        h = jax.nn.gelu(self.gate(x), approximate=True) * self.up(x)
+        if self.rotation:  # the down kernel is stored rotated to match (nano.rotation)
+            h = rotate_last(h, self.rotation)
+        return self.down(h)
 
 
 class Block(nnx.Module):

@@ -16,6 +16,7 @@ from nano.checkpoint import float_params, is_model_dir, load_config, load_model_
 from nano.config import PRESETS, ModelConfig
 from nano.errors import NanoError
 from nano.files import atomic_write
+from nano.rotation import rotated_params
 from nano.ui import status
 
 DEFAULT_TEACHER = "gemma3-270m"
@@ -91,7 +92,7 @@ def load_float_params(name_or_path: str | Path, *, dequantize: bool, target: str
 
     A quantized model directory is refused unless `dequantize`: the other format gets float weights, so its int4
     codes would silently become a model four to eight times their size and no longer on their grid once a
-    runtime re-quantizes them."""
+    runtime re-quantizes them. A rotated model (nano.rotation) comes back in the plain parametrization."""
     path = resolve_model_dir(name_or_path)
     quant = load_quant_info(path)
     if quant and not dequantize:
@@ -99,4 +100,6 @@ def load_float_params(name_or_path: str | Path, *, dequantize: bool, target: str
         raise NanoError(f"{name_or_path} is a quantized model ({what}); {target} export writes float weights: "
                         f"pass --dequantize to write its weights dequantized to float")
     model, tokenizer = load_model_dir(path)
-    return model.config, float_params(model), tokenizer
+    # Other runtimes know no Hadamard rotation: the plain Gemma 3 weights, the rotation multiplied out.
+    config, params = rotated_params(model.config, float_params(model), None)
+    return config, params, tokenizer

@@ -47,12 +47,13 @@ def kl(logp, logq) -> jax.Array:
 def kl_from_logits(teacher_logits, student_logits) -> jax.Array:
     """KL(softmax(teacher) ‖ softmax(student)) per position, float32. Written as Σ p (t − s) − lse(t) + lse(s)
     (Σ p = 1): three passes over the vocabulary instead of materialising both log-softmaxes (on a CPU these
-    elementwise passes cost as much as the forward passes that made the logits)."""
+    elementwise passes cost as much as the forward passes that made the logits). A teacher logit of −inf (a
+    student piece no teacher piece folds onto, `fold_to_student`) has probability 0 and adds 0, not 0 · −inf."""
     t = jnp.asarray(teacher_logits, jnp.float32)
     s = jnp.asarray(student_logits, jnp.float32)
     t_lse, s_lse = jax.nn.logsumexp(t, axis=-1), jax.nn.logsumexp(s, axis=-1)
     p = jnp.exp(t - t_lse[..., None])
-    return jnp.sum(p * (t - s), axis=-1) - t_lse + s_lse
+    return jnp.sum(jnp.where(p > 0, p * (t - s), 0.0), axis=-1) - t_lse + s_lse
 
 
 def bits_per_byte(nll_sum: float, num_bytes: int) -> float:

@@ -27,6 +27,7 @@ from nano.errors import NanoError
 from nano.files import peak_rss_bytes
 from nano.perplexity import calibration_windows
 from nano.resolve import load_model, resolve_model_dir
+from nano.rotation import rotated_params
 from nano.ui import status
 from prune.settings import PruneSettings
 
@@ -113,6 +114,8 @@ def prune(teacher: str, out: str | Path, settings: PruneSettings, *, force: bool
         raise NanoError(f"{teacher} is quantized: prune its float source, then quantize the student")
     with status(f"loading {teacher}"):
         model, tokenizer = load_model(teacher)
+    if model.config.ffn_rotation:  # importance is per FFN neuron: the plain parametrization, the rotation out
+        model = model_from_flat(*rotated_params(model.config, float_params(model), None))
     settings.check(model.config)
     texts = training_texts(settings.calibration, what="--calibration")
     record = {"format": FORMAT, "version": VERSION, "settings": settings.to_dict(),

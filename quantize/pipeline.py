@@ -5,7 +5,10 @@ rounding is the larger cost (measured on the embedded teacher: bits per byte +2.
 
     qmodel, info = quantize_model(model, tokenizer, QuantizeSettings(method="gptq"))
 
-The input model is left as it was; the result shares its float norms (AWQ's folded ones excepted).
+The MLP's down input is Hadamard-rotated first (nano.rotation, `--rotate`): the same float function, whose down
+kernel int4 rounds with less loss (measured on the make-distill student: bits per byte +5.8% → +4.2% over float,
+GPTQ int4-b32 through the device model). The input model is left as it was; the result shares its float norms
+(AWQ's folded ones excepted).
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from typing import Callable
 import numpy as np
 from flax import nnx
 
-from nano.checkpoint import flat_params, param_path
+from nano.checkpoint import flat_params, model_from_flat, param_path
 from nano.corpus import text_or_split
 from nano.errors import NanoError
 from nano.perplexity import calibration_windows
 from nano.quant_scheme import QuantSpec
 from nano.quant import QuantizedWeight, quantize_rtn
+from nano.rotation import rotated_params
 from quantize import awq
 from quantize.calibrate import InputStats, walk_blocks
 from quantize.gptq import gptq
@@ -36,10 +40,15 @@ def quantize_model(model, tokenizer, settings: QuantizeSettings, *, progress: Pr
     """(quantized copy of model, info for quant.json)."""
     settings.check()
     start = time.perf_counter()
-    qmodel = nnx.clone(model)
     params = flat_params(model)
     if any(isinstance(v, QuantizedWeight) for v in params.values()):
         raise NanoError("the model is already quantized; quantize its float source instead")
+    rotation = settings.rotation(model.config.ffn_dim)
+    if rotation != model.config.ffn_rotation:  # the same function in the rotated parametrization
+        config, rotated = rotated_params(model.config, {k: np.asarray(v) for k, v in params.items()}, rotation)
+        model = model_from_flat(config, rotated, dtype=model.dtype)
+        params = flat_params(model)
+    qmodel = nnx.clone(model)
     specs = settings.tensor_specs(params)
     for name, spec in specs.items():
         try:
@@ -47,7 +56,8 @@ def quantize_model(model, tokenizer, settings: QuantizeSettings, *, progress: Pr
         except ValueError as e:
             raise NanoError(f"cannot quantize {name} at --block-size {settings.block_size}: {e}") from None
     state = nnx.state(qmodel, nnx.Param)
-    info = {"method": settings.method, "scheme": settings.scheme.name, "settings": settings.to_dict()}
+    info = {"method": settings.method, "scheme": settings.scheme.name, "settings": settings.to_dict(),
+            "rotation": rotation}
     head_by_gptq = settings.method == "gptq" and settings.embeddings == "int4"
     for path, var in nnx.to_flat_state(state):  # RTN: everything; GPTQ/AWQ: the embedding (before calibration)
         name = param_path(path)
@@ -119,6 +129,9 @@ def awq_scale_and_fold(block, stats: dict[str, InputStats], specs: dict[str, Qua
     ]
     kernels = {name: np.asarray(_module(block, name).kernel.get_value(), np.float64) for name in stats}
     hessians = {}
+    if config.ffn_rotation:  # down's input is rotated: a per-channel scale cannot pass the rotation into up
+        groups = groups[:-1]
+        hessians["mlp.down"] = stats["mlp.down"].hessian
     for names, fold_into, tie in groups:
         stat = stats[names[0]]
         s = awq.search_scale([kernels[n] for n in names], stat.hessian, stat.mean_abs, [specs[n] for n in names],

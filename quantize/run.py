@@ -38,7 +38,7 @@ def quantize(model: str, out: str | Path, settings: QuantizeSettings, *, eval_pa
     if evaluate:
         with status(f"comparing with the float model on {text_source}"):
             info["report"] = {**quantization_loss(net, qnet, tokenizer, text), "text": text_source}
-    save_model_dir(net.config, flat_params(qnet), tokenizer, out, overwrite=force, quant_info=info)
-    sizes = size_report(net.config, load_quant_info(out), out)
+    save_model_dir(qnet.config, flat_params(qnet), tokenizer, out, overwrite=force, quant_info=info)
+    sizes = size_report(qnet.config, load_quant_info(out), out)
     sizes["source_bytes_on_disk"] = directory_bytes(source)
     return {**info, **sizes, "out": str(out)}

@@ -24,6 +24,7 @@ class QuantizeSettings:
     act_order: bool = True  # GPTQ
     damp: float = 0.01  # GPTQ: Hessian damping, a fraction of its mean diagonal
     int8: tuple[str, ...] = ()  # projections (PROJECTIONS) kept at int8 per channel in every block
+    rotate: int = 128  # the MLP's Hadamard rotation (nano.rotation): the largest block up to this; 0: none
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -39,6 +40,8 @@ class QuantizeSettings:
         unknown = [name for name in self.int8 if name not in PROJECTIONS]
         if unknown:
             raise NanoError(f"--int8 takes projection names ({', '.join(PROJECTIONS)}), got {', '.join(unknown)}")
+        if self.rotate < 0 or self.rotate & (self.rotate - 1) or self.rotate == 1:
+            raise NanoError(f"--rotate takes a power of two (the Hadamard block) or 0 for none, got {self.rotate}")
         if not 0 < self.damp < 1:
             raise NanoError(f"--damp must be in (0, 1), got {self.damp}")
 
@@ -53,6 +56,14 @@ class QuantizeSettings:
             if any(name.endswith(f".{projection}.kernel") for projection in self.int8):
                 specs[name] = QuantSpec(8, CHANNEL, 0)
         return specs
+
+    def rotation(self, ffn_dim: int) -> int | None:
+        """The Hadamard block the MLP's down input is rotated by: the largest power of two up to --rotate that
+        divides ffn_dim (128 divides every preset's), None for none."""
+        block = self.rotate
+        while block >= 2 and ffn_dim % block:
+            block //= 2
+        return block if block >= 2 else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -2,6 +2,8 @@
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ from distill.data import make_datasets
 from nano.config import TINY
 from nano.errors import NanoError
 from nano.model import init_model
+from nano.scoring import fold_to_student, kl_from_logits
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +135,15 @@ def test_empty_or_unweighted_heldout_is_refused(heldout, models):
     zero = [{**b, "weights": np.zeros_like(b["weights"])} for b in heldout[:1]]
     with pytest.raises(NanoError, match="no scored tokens"):
         ev.Evaluator(zero)(models[0])
+
+
+def test_kl_of_a_folded_teacher_with_pieces_it_never_predicts_is_finite():
+    """A trimmed vocabulary's piece that no teacher piece folds onto has teacher log-prob −inf (fold_to_student):
+    its term is 0 (0 · −inf would be NaN, as `make distill`'s evaluation once printed)."""
+    teacher = fold_to_student(jnp.asarray([[2.0, 0.5, -1.0, 1.0]]), jnp.asarray([0, 2, 2, -1]), size=4)
+    assert np.isneginf(np.asarray(teacher)[0, [1, 3]]).all()
+    student = jnp.asarray([[0.3, -0.2, 1.1, 0.4]])
+    p = np.exp(np.asarray(teacher, np.float64)[0, [0, 2]])
+    q = np.asarray(jax.nn.log_softmax(student), np.float64)[0, [0, 2]]
+    expected = float(np.sum(p * (np.log(p) - q)))
+    np.testing.assert_allclose(float(kl_from_logits(teacher, student)[0]), expected, rtol=1e-5)
