@@ -29,10 +29,11 @@ DEFAULTS = QuantizeSettings()
                    "attn.v_proj,mlp.down took the make-distill student from +5.8% to +3.3% bits per byte over "
                    "float for 15% more bytes.")
 @click.option("--rotate", default=DEFAULTS.rotate, show_default=True, metavar="BLOCK",
-              help="Multiply the MLP down projection's input and kernel by a block-diagonal Hadamard matrix of "
-                   "this block (a power of two; 0: none): the same function with its outlier channels spread, so "
-                   "int4 rounds it with less loss (make-distill student, GPTQ: +5.8% → +4.2% bits per byte over "
-                   "float); the artifact computes it as one small float matmul per layer.")
+              help="Multiply each projection's input (the normed block inputs into q/k/v and gate/up, the MLP's "
+                   "product into down) and kernel by a block-diagonal Hadamard matrix of this block (a power of "
+                   "two; 0: none): the same function with its outlier channels spread, so int4 and the device's "
+                   "int8 inputs round it with less loss (make-distill student, GPTQ: +5.8% → +3.1% bits per byte "
+                   "over float); the artifact computes it as three small float matmuls per layer.")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None,
               help="Calibration text for GPTQ/AWQ (default: the stdlib corpus's train split).")
 @click.option("--samples", default=DEFAULTS.samples, show_default=True, help="Calibration sequences.")

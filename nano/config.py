@@ -48,6 +48,8 @@ class ModelConfig:
     # The MLP rotates its down projection's input by a block-diagonal Hadamard matrix of this block size and the
     # down kernel is stored rotated to match (nano.rotation): the same function, easier to quantize.
     ffn_rotation: int | None = None
+    # The same for the normed inputs of attention (q/k/v) and of the MLP (gate/up), their kernels stored rotated.
+    input_rotation: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_dim",
@@ -74,10 +76,10 @@ class ModelConfig:
             if self.sliding_window is None and LOCAL in kinds:
                 raise ValueError("local layers need a sliding_window")
             object.__setattr__(self, "layer_kinds", None if kinds == self._pattern() else kinds)
-        if self.ffn_rotation is not None:
-            block = self.ffn_rotation
-            if not isinstance(block, int) or block < 2 or block & (block - 1) or self.ffn_dim % block:
-                raise ValueError(f"ffn_rotation must be a power of two dividing ffn_dim ({self.ffn_dim}), got {block!r}")
+        for field, dim in (("ffn_rotation", "ffn_dim"), ("input_rotation", "d_model")):
+            block, size = getattr(self, field), getattr(self, dim)
+            if block is not None and (not isinstance(block, int) or block < 2 or block & (block - 1) or size % block):
+                raise ValueError(f"{field} must be a power of two dividing {dim} ({size}), got {block!r}")
 
     # Derived values.
     def _pattern(self) -> tuple[str, ...]:
@@ -121,8 +123,9 @@ class ModelConfig:
             del data["layer_kinds"]
         else:
             data["layer_kinds"] = list(self.layer_kinds)
-        if self.ffn_rotation is None:  # the same
-            del data["ffn_rotation"]
+        for field in ("ffn_rotation", "input_rotation"):
+            if data[field] is None:  # the same
+                del data[field]
         return data
 
     def to_json(self) -> str:

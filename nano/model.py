@@ -230,11 +230,17 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.d_model, eps=eps)
         self.mlp = MLP(config, rngs=rngs)
         self.post_mlp_norm = RMSNorm(config.d_model, eps=eps)
+        self.rotation = config.input_rotation
+
+    def _normed(self, norm, x):
+        """A branch's input: normed, and rotated where its kernels are stored rotated to match (nano.rotation)."""
+        h = norm(x)
+        return rotate_last(h, self.rotation) if self.rotation else h
 
     def __call__(self, x, positions, segment_ids=None, kv=None, attention_bias=None):
-        h, kv = self.attn(self.attn_norm(x), positions, segment_ids, kv, attention_bias)
+        h, kv = self.attn(self._normed(self.attn_norm, x), positions, segment_ids, kv, attention_bias)
         x = x + self.post_attn_norm(h)
-        x = x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
+        x = x + self.post_mlp_norm(self.mlp(self._normed(self.mlp_norm, x)))
         return x, kv
 
 

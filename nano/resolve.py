@@ -101,5 +101,5 @@ def load_float_params(name_or_path: str | Path, *, dequantize: bool, target: str
                         f"pass --dequantize to write its weights dequantized to float")
     model, tokenizer = load_model_dir(path)
     # Other runtimes know no Hadamard rotation: the plain Gemma 3 weights, the rotation multiplied out.
-    config, params = rotated_params(model.config, float_params(model), None)
+    config, params = rotated_params(model.config, float_params(model), None, None)
     return config, params, tokenizer

@@ -1,14 +1,18 @@
-"""The MLP's Hadamard rotation (QuaRot's online R4): the down projection's input multiplied by a block-diagonal
-Hadamard matrix, the down kernel stored multiplied by the same matrix, so the model computes what it did.
+"""Online Hadamard rotations (QuaRot's, computed in the model): a projection's input multiplied by a block-diagonal
+Hadamard matrix and its kernel stored multiplied by the same matrix, so the model computes what it did.
 
-Why: the GELU-gated product that enters `mlp.down` carries a few channels far larger than the rest, and int4 blocks
-along the input dimension (and the device's int8 rounding of that input) spend their range on them. A Hadamard
+Two are applied, each recorded in the config: `ffn_rotation` on the GELU-gated product entering `mlp.down` (QuaRot's
+R4), and `input_rotation` on each block's normed inputs entering q/k/v and gate/up (where QuaRot rotates the
+residual stream itself, R1, which Gemma 3's post-attention and post-MLP norms do not let through).
+
+Why: those inputs carry a few channels far larger than the rest (Gemma's outliers of hundreds), and int4 blocks
+along the input dimension, and the device's int8 rounding of each input row, spend their range on them. A Hadamard
 matrix spreads every channel over all the channels of its block, so the rotated input and kernel rows have no
 outliers to round around. H/√n is orthogonal and symmetric, so it is its own inverse: one function both folds the
 rotation into a kernel and takes it out again (for formats whose runtimes know no rotation: GGUF, safetensors).
 
-    kernel = rotate_rows(kernel, block)   # [ffn, d_model]: blockdiag(H) @ kernel; applied twice, the identity
-    h = rotate_last(h, block)             # [..., ffn]: h @ blockdiag(H), in the model
+    kernel = rotate_rows(kernel, block)   # [in, out]: blockdiag(H) @ kernel; applied twice, the identity
+    h = rotate_last(h, block)             # [..., in]: h @ blockdiag(H), in the model
 """
 
 from __future__ import annotations
@@ -46,16 +50,23 @@ def rotate_rows(kernel: np.ndarray, block: int) -> np.ndarray:
     return rotated.reshape(w.shape).astype(w.dtype)
 
 
-def rotated_params(config, params: dict, block: int | None):
-    """(config, params) with every layer's down kernel rotated by blockdiag(H_block) and `ffn_rotation` set to
-    `block`; `block=None` takes a rotated model's rotation out (the plain Gemma 3 parametrization). Float params."""
-    step = block or config.ffn_rotation
-    if step is None or block == config.ffn_rotation:
-        return config, params
-    if block is not None and config.ffn_rotation is not None:
-        config, params = rotated_params(config, params, None)
+# The kernels whose input each config field rotates.
+ROTATED_KERNELS = {"ffn_rotation": ("mlp.down",),
+                   "input_rotation": ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate", "mlp.up")}
+
+
+def rotated_params(config, params: dict, ffn: int | None, inputs: int | None = None):
+    """(config, params) with every layer's kernels rotated for `ffn_rotation = ffn` and `input_rotation = inputs`
+    (each a block size, None for none), from whatever rotations `config` has: (None, None) gives the plain Gemma 3
+    parametrization. Float params."""
     out = dict(params)
-    for i in range(config.num_layers):
-        name = f"layers.{i}.mlp.down.kernel"
-        out[name] = rotate_rows(params[name], step)
-    return dataclasses.replace(config, ffn_rotation=block), out
+    for field, block in (("ffn_rotation", ffn), ("input_rotation", inputs)):
+        have = getattr(config, field)
+        if have == block:
+            continue
+        for i in range(config.num_layers):
+            for kernel in ROTATED_KERNELS[field]:
+                name = f"layers.{i}.{kernel}.kernel"
+                w = out[name] if have is None else rotate_rows(out[name], have)  # back to plain, then the new one
+                out[name] = w if block is None else rotate_rows(w, block)
+    return dataclasses.replace(config, ffn_rotation=ffn, input_rotation=inputs), out

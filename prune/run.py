@@ -114,8 +114,8 @@ def prune(teacher: str, out: str | Path, settings: PruneSettings, *, force: bool
         raise NanoError(f"{teacher} is quantized: prune its float source, then quantize the student")
     with status(f"loading {teacher}"):
         model, tokenizer = load_model(teacher)
-    if model.config.ffn_rotation:  # importance is per FFN neuron: the plain parametrization, the rotation out
-        model = model_from_flat(*rotated_params(model.config, float_params(model), None))
+    if model.config.ffn_rotation or model.config.input_rotation:  # importance is per neuron: the plain model
+        model = model_from_flat(*rotated_params(model.config, float_params(model), None, None))
     settings.check(model.config)
     texts = training_texts(settings.calibration, what="--calibration")
     record = {"format": FORMAT, "version": VERSION, "settings": settings.to_dict(),

@@ -24,7 +24,7 @@ class QuantizeSettings:
     act_order: bool = True  # GPTQ
     damp: float = 0.01  # GPTQ: Hessian damping, a fraction of its mean diagonal
     int8: tuple[str, ...] = ()  # projections (PROJECTIONS) kept at int8 per channel in every block
-    rotate: int = 128  # the MLP's Hadamard rotation (nano.rotation): the largest block up to this; 0: none
+    rotate: int = 128  # the Hadamard rotations (nano.rotation): the largest block up to this; 0: none
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -57,11 +57,11 @@ class QuantizeSettings:
                 specs[name] = QuantSpec(8, CHANNEL, 0)
         return specs
 
-    def rotation(self, ffn_dim: int) -> int | None:
-        """The Hadamard block the MLP's down input is rotated by: the largest power of two up to --rotate that
-        divides ffn_dim (128 divides every preset's), None for none."""
+    def rotation(self, dim: int) -> int | None:
+        """The Hadamard block an input of `dim` channels is rotated by: the largest power of two up to --rotate
+        that divides dim (128 divides every full-size preset's d_model and ffn_dim), None for none."""
         block = self.rotate
-        while block >= 2 and ffn_dim % block:
+        while block >= 2 and dim % block:
             block //= 2
         return block if block >= 2 else None
 

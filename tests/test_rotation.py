@@ -36,17 +36,23 @@ def test_hadamard_is_orthonormal_and_symmetric(n):
 
 def test_rotated_model_computes_the_same_logits(tiny_model):
     params = {k: np.asarray(v) for k, v in flat_params(tiny_model).items()}
-    config, rotated = rotated_params(TINY, params, 64)
-    assert config.ffn_rotation == 64 and config.hash != TINY.hash
-    assert not np.allclose(rotated["layers.0.mlp.down.kernel"], params["layers.0.mlp.down.kernel"])
+    config, rotated = rotated_params(TINY, params, 64, 32)
+    assert (config.ffn_rotation, config.input_rotation) == (64, 32) and config.hash != TINY.hash
+    for kernel in ("mlp.down", "mlp.up", "mlp.gate", "attn.q_proj", "attn.k_proj", "attn.v_proj"):
+        name = f"layers.0.{kernel}.kernel"
+        assert not np.allclose(rotated[name], params[name]), name
+    np.testing.assert_array_equal(rotated["layers.0.attn.o_proj.kernel"], params["layers.0.attn.o_proj.kernel"])
     tokens = jnp.asarray(np.arange(3, 40)[None])
     plain, _ = tiny_model(tokens)
     turned, _ = model_from_flat(config, rotated)(tokens)
     assert float(jnp.abs(turned - plain).max()) < 1e-5
-    # Rotating to another block goes through the plain model; the rotation out gives the original back.
-    config32, rotated32 = rotated_params(config, rotated, 32)
-    back_config, back = rotated_params(config32, rotated32, None)
-    assert config32.ffn_rotation == 32 and back_config == TINY and back_config.hash == TINY.hash
+    # Rotating to other blocks goes through the plain model; the rotations out give the original back.
+    config32, rotated32 = rotated_params(config, rotated, 32, 16)
+    turned, _ = model_from_flat(config32, rotated32)(tokens)
+    assert float(jnp.abs(turned - plain).max()) < 1e-5
+    back_config, back = rotated_params(config32, rotated32, None, None)
+    assert (config32.ffn_rotation, config32.input_rotation) == (32, 16)
+    assert back_config == TINY and back_config.hash == TINY.hash
     for name, value in params.items():
         np.testing.assert_allclose(back[name], value, atol=1e-6, err_msg=name)
 
@@ -87,18 +93,22 @@ def test_config_checks_the_block():
         dataclasses.replace(TINY, ffn_rotation=48)
     with pytest.raises(ValueError, match="ffn_rotation"):
         dataclasses.replace(TINY, ffn_rotation=256)  # tiny's ffn_dim is 128
-    config = dataclasses.replace(TINY, ffn_rotation=64)
+    with pytest.raises(ValueError, match="input_rotation must be a power of two dividing d_model"):
+        dataclasses.replace(TINY, input_rotation=128)  # tiny's d_model is 64
+    config = dataclasses.replace(TINY, ffn_rotation=64, input_rotation=64)
     assert ModelConfig.from_dict(config.to_dict()) == config
-    assert "ffn_rotation" not in TINY.to_dict()  # configs without it keep their hash
+    assert not {"ffn_rotation", "input_rotation"} & set(TINY.to_dict())  # configs without them keep their hash
 
 
 @pytest.mark.parametrize(("rotate", "expected"), [(128, 128), (256, 128), (64, 64), (0, None)])
 def test_quantize_rotates_by_the_largest_block_that_divides(rotate, expected, tiny_model, tiny_tokenizer):
     settings = QuantizeSettings(rotate=rotate)
     assert settings.rotation(TINY.ffn_dim) == expected
+    inputs = expected and min(expected, TINY.d_model)
     qmodel, info = quantize_model(tiny_model, tiny_tokenizer, settings)
-    assert qmodel.config.ffn_rotation == expected and info["rotation"] == expected
-    assert tiny_model.config.ffn_rotation is None  # the input model is left as it was
+    assert (qmodel.config.ffn_rotation, qmodel.config.input_rotation) == (expected, inputs)
+    assert info["rotation"] == {"ffn": expected, "inputs": inputs}
+    assert tiny_model.config.ffn_rotation is None and tiny_model.config.input_rotation is None  # left as it was
     assert settings.rotation(576) == (min(rotate, 64) or None)  # 576 = 2^6 · 9
 
 
@@ -111,7 +121,7 @@ def test_rotate_is_checked():
 
 @pytest.fixture(scope="module")
 def rotated_dir(tiny_tokenizer, tmp_path_factory):
-    config, params = rotated_params(TINY, sm.trained_like(TINY), 32)
+    config, params = rotated_params(TINY, sm.trained_like(TINY), 32, 16)
     return save_model_dir(config, params, tiny_tokenizer, tmp_path_factory.mktemp("rotated") / "model")
 
 
@@ -119,7 +129,7 @@ def rotated_dir(tiny_tokenizer, tmp_path_factory):
 def test_gguf_export_takes_the_rotation_out(rotated_dir, tiny_tokenizer, tmp_path):
     """llama.cpp knows no rotation: the GGUF holds the plain Gemma 3 weights, which compute the same logits."""
     back = import_gguf(export_gguf(rotated_dir, tmp_path / "m.gguf"), tmp_path / "back")
-    assert load_config(back).ffn_rotation is None
+    assert (load_config(back).ffn_rotation, load_config(back).input_rotation) == (None, None)
     plain = save_model_dir(TINY, sm.trained_like(TINY), tiny_tokenizer, tmp_path / "plain")
     for name, value in sm.params(plain).items():
         np.testing.assert_allclose(sm.params(back)[name], value, atol=1e-6, err_msg=name)
@@ -147,5 +157,5 @@ def test_prune_cuts_a_rotated_model_as_its_plain_one(rotated_dir, tiny_tokenizer
     settings = PruneSettings(ffn_dim=64, calibration=(str(corpus / "train.txt"),), samples=4, seq_len=32)
     prune(str(rotated_dir), tmp_path / "a", settings)
     prune(str(plain), tmp_path / "b", settings)
-    assert load_config(tmp_path / "a").ffn_rotation is None
+    assert load_config(tmp_path / "a").ffn_rotation is None and load_config(tmp_path / "a").input_rotation is None
     np.testing.assert_allclose(sm.logits(tmp_path / "a"), sm.logits(tmp_path / "b"), atol=1e-4)
