@@ -44,11 +44,13 @@ def drop_closed_loop_reports() -> None:
 
 class _UnretrievedDiskFull(logging.Filter):
     """Drops asyncio's "Task (Future, _GatheringFuture) exception was never retrieved" for a write that found the
-    disk full (reported once, in the error line); every other record passes."""
+    disk full, or for a read past the end of a truncated parameter file (each reported once, in the error line);
+    every other record passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from nano.files import is_disk_full  # nano.files imports this module
 
         error = record.exc_info[1] if record.exc_info else None
         unretrieved = str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved")
-        return not (unretrieved and error is not None and is_disk_full(error))
+        damaged = error is not None and (is_disk_full(error) or "OUT_OF_RANGE" in str(error))
+        return not (unretrieved and damaged)
