@@ -22,12 +22,12 @@ def drop_closed_loop_reports() -> None:
     arrive until exit); any other unraisable error still reaches the previous hook. Likewise a write that fails
     (a full disk) leaves Orbax's pending writes as coroutines that are never awaited, each a RuntimeWarning when
     it is collected, and as asyncio tasks whose same failure nobody retrieved, each an ERROR record of the asyncio
-    logger, at any time up to exit. Idempotent."""
+    logger, at any time up to exit; a truncated file's failed reads leave such tasks too. Idempotent."""
     warnings.filterwarnings("ignore", r"coroutine '.*(write_fragment|_serialize|_write).*' was never awaited",
                             RuntimeWarning)
     asyncio_log = logging.getLogger("asyncio")
-    if not any(isinstance(f, _UnretrievedDiskFull) for f in asyncio_log.filters):
-        asyncio_log.addFilter(_UnretrievedDiskFull())
+    if not any(isinstance(f, _UnretrievedReported) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedReported())
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_reports", False):
         return
@@ -42,7 +42,7 @@ def drop_closed_loop_reports() -> None:
     sys.unraisablehook = hook
 
 
-class _UnretrievedDiskFull(logging.Filter):
+class _UnretrievedReported(logging.Filter):
     """Drops asyncio's "Task (Future, _GatheringFuture) exception was never retrieved" for a write that found the
     disk full, or for a read past the end of a truncated parameter file (each reported once, in the error line);
     every other record passes."""
