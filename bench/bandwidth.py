@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.graph import DECODE, K_CACHE, MASK, V_CACHE
+from export.io_names import DECODE, K_CACHE, MASK, V_CACHE
 
 
 _ITEM_BYTES = {0: 4, 1: 2, 9: 1}  # TFLite's FLOAT32, FLOAT16 and INT8 tensor types

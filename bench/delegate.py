@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.graph import DECODE, INPUT_POS, LOGITS, MASK, TOKENS
+from export.io_names import DECODE, INPUT_POS, LOGITS, MASK, TOKENS
 from export.runtime import TFLiteRunner, engine_mask
 from nano.errors import NanoError
 

@@ -37,11 +37,16 @@ DEFAULTS = ExportSettings()
                    "arithmetic (XNNPACK rounds an integer layer's input to int8 per row at run time) before the "
                    "export is refused.")
 @click.option("--random-init", is_flag=True, help="Export a preset with random weights (sizes with no checkpoint).")
+@click.option("--verify-cpu", "verify_cpus", multiple=True, metavar="avx2|avx|MODEL",
+              help="Also verify the artifact as a CPU of this kind runs it (repeatable): XNNPACK picks its int8 × int4 "
+                   "kernels by the CPU's instruction sets, so passing here says nothing of the others. Runs it under "
+                   "qemu-x86_64 -cpu (Debian's qemu-user), ~100× slower: avx2 is an AMD Zen 2 (AVX2, no AVX-512), "
+                   "avx an Intel Sandy Bridge, or name any model of `qemu-x86_64 -cpu help`.")
 @click.option("--threads", type=int, default=None, help="CPU threads for verification (default: all).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def export_cmd(model, out, quant, embeddings, prefill_lengths, max_tokens, kv_cache, no_verify, ppl_tolerance,
-               random_init, threads, force, as_json):
+               verify_cpus, random_init, threads, force, as_json):
     """Export MODEL (a model directory, the embedded teacher's name, or with --random-init a preset) to LiteRT.
 
     \b
@@ -49,6 +54,7 @@ def export_cmd(model, out, quant, embeddings, prefill_lengths, max_tokens, kv_ca
     nano-export runs/q/gptq --out teacher-int4.litertlm            # GPTQ's int4 codes, unchanged
     nano-export nano-micro --random-init --quant int4-b32 --out micro.litertlm  # random weights
     nano-export runs/q/gptq --max-tokens 8192 --out t.litertlm   # the engine may then load it at any context ≤ 8192
+    nano-export runs/q/gptq --out t.litertlm --verify-cpu avx2  # verified here and on an emulated AVX2 CPU
 
     The .tflite holds signatures prefill_<N> and decode with the KV cache in and out; the .litertlm adds the
     tokenizer and the engine's metadata. Unless --no-verify, the artifact runs on held-out text and must match
@@ -62,7 +68,7 @@ def export_cmd(model, out, quant, embeddings, prefill_lengths, max_tokens, kv_ca
     settings = ExportSettings(quant=quant, embeddings=embeddings, prefill_lengths=parse_lengths(prefill_lengths),
                               max_tokens=max_tokens, kv_cache=kv_cache, verify=not no_verify,
                               ppl_tolerance=ppl_tolerance,
-                              random_init=random_init, threads=threads)
+                              random_init=random_init, threads=threads, verify_cpus=tuple(verify_cpus))
     result = export(model, out, settings, force=force)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -86,11 +92,21 @@ def _print_table(result: dict) -> None:
         table.add_row("verified", f"{v['criterion']}: perplexity {v['ppl_artifact']:.4f} vs {versus}, max |Δlogit| "
                                   f"{v['max_abs_logit_diff']:.2e}, top-1 {v['top1_agreement']:.3f} "
                                   f"({v['decoded']} tokens decoded after {v['prefilled']} prefilled)")
+        for cpu, c in v.get("cpus", {}).items():
+            table.add_row(f"verified as {cpu}", f"perplexity {c['ppl_artifact']:.4f}, max |Δlogit| "
+                                                f"{c['max_abs_logit_diff']:.2e}, top-1 {c['top1_agreement']:.3f} "
+                                                f"(emulated, up to {_widest_isa(c['features'])})")
     else:
         table.add_row("verified", "no (--no-verify)")
     table.add_row("time", f"{result['seconds']:.1f} s (conversion {result['convert_seconds']:.1f} s)")
     table.add_row("peak memory", f"{result['peak_rss_bytes'] / 2**30:.2f} GiB")
     Console().print(table)
+
+
+def _widest_isa(features: list[str]) -> str:
+    """The widest x86 vector extension among an emulated CPU's instruction sets (what tells it from this one)."""
+    return next((name for flag, name in (("AVX512F", "AVX-512"), ("AVX2", "AVX2"), ("AVX", "AVX"))
+                 if flag in features), "SSE")
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from export.graph import K_CACHE, V_CACHE
+from export.io_names import K_CACHE, V_CACHE
 from export.integrity import DIGESTS, check_artifact, file_digests
 from nano.config import GLOBAL, ModelConfig
 

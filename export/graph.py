@@ -36,19 +36,11 @@ from jax import export as jax_export
 
 from flax import nnx
 
+from export.io_names import DECODE, INPUT_POS, K_CACHE, LOGITS, MASK, TOKENS, V_CACHE, prefill_name
 from nano.config import GLOBAL, ModelConfig
 from nano.layers import export_lookups
 from nano.model import Decoder, KVCache
 from nano.quant import QuantizedWeight
-
-TOKENS, INPUT_POS, MASK, LOGITS = "tokens", "input_pos", "mask", "logits"
-K_CACHE, V_CACHE = "kv_cache_k_", "kv_cache_v_"
-DECODE = "decode"
-
-
-def prefill_name(length: int) -> str:
-    return f"prefill_{length}"
-
 
 def cache_names(config: ModelConfig) -> list[str]:
     return [f"{K_CACHE}{i}" for i in range(config.num_layers)] + [f"{V_CACHE}{i}" for i in range(config.num_layers)]

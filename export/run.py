@@ -5,6 +5,7 @@ that worked."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import time
 from pathlib import Path
@@ -207,6 +208,7 @@ def export(model_ref: str, out: str | Path, settings: ExportSettings, *, force: 
 
 def _verify(tflite: Path, config, params: dict, tokenizer, settings: ExportSettings, *, exact: bool) -> dict:
     """The artifact against the JAX model on held-out text; NanoError (nothing is written) when they differ."""
+    from export.cpu_emulation import EmulatedRunner
     from export.runtime import TFLiteRunner, quiet_native_stderr
     from export.verify import failure_line, verification_window, verify
     from nano.checkpoint import model_from_flat
@@ -216,7 +218,9 @@ def _verify(tflite: Path, config, params: dict, tokenizer, settings: ExportSetti
         # The JAX reference runs the very parameters written (integer codes included), not a copy.
         verification = verify(lambda: TFLiteRunner(tflite, threads=settings.threads),
                               lambda: model_from_flat(config, params), window, exact=exact,
-                              ppl_tolerance=settings.ppl_tolerance)
+                              ppl_tolerance=settings.ppl_tolerance,
+                              emulated={cpu: functools.partial(EmulatedRunner, tflite, cpu, threads=settings.threads)
+                                        for cpu in settings.verify_cpus})
     verification["text"] = text
     if not verification["ok"]:
         raise NanoError(failure_line(verification))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.graph import DECODE, INPUT_POS, K_CACHE, LOGITS, MASK, TOKENS, V_CACHE
+from export.io_names import DECODE, INPUT_POS, K_CACHE, LOGITS, MASK, TOKENS, V_CACHE
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ class ExportSettings:
     ppl_tolerance: float = 0.02  # an integer artifact's perplexity may differ by this fraction from the JAX
     # model of the device's arithmetic (Decoder.as_device)
     threads: int | None = None  # for verification; None: every core
+    verify_cpus: tuple[str, ...] = ()  # also verify as these CPUs run it, emulated (export.cpu_emulation)
 
     def check(self, out: str | Path, max_seq_len: int | None = None) -> None:
         if Path(out).suffix not in SUFFIXES:
@@ -44,6 +45,13 @@ class ExportSettings:
             raise NanoError(f"--ppl-tolerance must be a fraction between 0 and 1, got {self.ppl_tolerance}")
         if self.verify_tokens < 2:
             raise NanoError(f"verification needs at least 2 tokens, got {self.verify_tokens}")
+        if self.verify_cpus and not self.verify:
+            raise NanoError("--verify-cpu verifies the artifact: it cannot go with --no-verify")
+        if self.verify_cpus:
+            from export.cpu_emulation import cpu_model
+
+            for cpu in self.verify_cpus:
+                cpu_model(cpu)  # before the conversion, not after it
         if self.max_tokens is not None and self.max_tokens < 2:
             raise NanoError(f"--max-tokens must be at least 2, got {self.max_tokens}")
         if max_seq_len is not None and self.max_tokens is not None and self.max_tokens > max_seq_len:

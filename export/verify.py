@@ -53,17 +53,26 @@ def _head(model, hidden, rows: int = 32768) -> np.ndarray:
     return np.concatenate(chunks, axis=-1)
 
 
-def verify(open_runner, build_model, window: np.ndarray, *, exact: bool,
-           ppl_tolerance: float = PPL_TOLERANCE) -> dict:
+def verify(open_runner, build_model, window: np.ndarray, *, exact: bool, ppl_tolerance: float = PPL_TOLERANCE,
+           emulated: dict | None = None) -> dict:
     """Compare the artifact (`open_runner()` → export.runtime.TFLiteRunner) with the JAX model (`build_model()`) on
-    `window`; the result carries `ok`. One after the other, so the two never hold their weights at once."""
+    `window`; the result carries `ok`. One after the other, so the two never hold their weights at once.
+    `emulated` ({cpu: open_runner}, export.cpu_emulation) runs the same window as those CPUs would: each is held to
+    the same criterion against the same reference (result["cpus"]), and `ok` needs them all."""
     import jax.numpy as jnp
 
     half = len(window) // 2
-    runner = open_runner()
-    runner.prefill(window[:half])
-    got = np.stack([runner.decode(int(window[p]), p) for p in range(half, len(window) - 1)])
-    del runner
+
+    def decoded(open_) -> np.ndarray:
+        runner = open_()
+        runner.prefill(window[:half])
+        got = np.stack([runner.decode(int(window[p]), p) for p in range(half, len(window) - 1)])
+        features = getattr(runner, "features", None)  # an emulated CPU's instruction sets, as its CPUID tells
+        del runner
+        return got, features
+
+    got, _ = decoded(open_runner)
+    got_on = {cpu: decoded(open_) for cpu, open_ in (emulated or {}).items()}
     model = build_model()
     targets = window[half + 1:]
 
@@ -76,31 +85,47 @@ def verify(open_runner, build_model, window: np.ndarray, *, exact: bool,
         return _head(model, hidden[:, half:len(window) - 1])[0]
 
     want = jax_logits(False)
-    ppl_artifact, ppl_jax = perplexity_of(got), perplexity_of(want)
-    result = {"tokens": len(window), "prefilled": half, "decoded": len(targets), "ppl_artifact": ppl_artifact,
-              "ppl_jax": ppl_jax}
+    ppl_jax = perplexity_of(want)
+    result = {"tokens": len(window), "prefilled": half, "decoded": len(targets), "ppl_jax": ppl_jax}
     if not exact:  # the reference is the device's arithmetic
         want = jax_logits(True)
         result["ppl_device"] = perplexity_of(want)
     del model
     reference = result.get("ppl_device", ppl_jax)
-    result.update(max_abs_logit_diff=float(np.abs(got - want).max()), ppl_ratio=ppl_artifact / reference,
-                  top1_agreement=float(np.mean(got.argmax(-1) == want.argmax(-1))))
+
+    def compared(logits) -> dict:
+        figures = {"ppl_artifact": perplexity_of(logits), "max_abs_logit_diff": float(np.abs(logits - want).max()),
+                   "top1_agreement": float(np.mean(logits.argmax(-1) == want.argmax(-1)))}
+        figures["ppl_ratio"] = figures["ppl_artifact"] / reference
+        figures["ok"] = (figures["max_abs_logit_diff"] <= FLOAT_TOLERANCE if exact
+                         else abs(figures["ppl_ratio"] - 1) <= ppl_tolerance)
+        return figures
+
+    result.update(compared(got))
     if exact:
         result["criterion"] = f"max |Δlogit| ≤ {FLOAT_TOLERANCE}"
-        result["ok"] = result["max_abs_logit_diff"] <= FLOAT_TOLERANCE
     else:
         result["criterion"] = f"perplexity within {ppl_tolerance:.1%} of the device model's"
         result["tolerance"] = ppl_tolerance
-        result["ok"] = abs(result["ppl_ratio"] - 1) <= ppl_tolerance
+    if got_on:
+        result["cpus"] = {cpu: {**compared(logits), "features": features}
+                          for cpu, (logits, features) in got_on.items()}
+        result["ok"] = result["ok"] and all(c["ok"] for c in result["cpus"].values())
     return result
 
 
 def failure_line(result: dict) -> str:
+    """The first comparison that failed: this CPU's, else an emulated CPU's."""
+    here = {k: result[k] for k in ("ppl_artifact", "max_abs_logit_diff", "ppl_ratio")}
+    here["ok"] = (here["max_abs_logit_diff"] <= FLOAT_TOLERANCE if result["criterion"].startswith("max")
+                  else abs(here["ppl_ratio"] - 1) <= result["tolerance"])
+    where, failed = next((where, c) for where, c in [("", here), *((f" on the emulated {cpu} CPU", c)
+                                                                for cpu, c in result.get("cpus", {}).items())]
+                         if not c["ok"])
     if result["criterion"].startswith("max"):
-        return (f"verification failed: max |Δlogit| {result['max_abs_logit_diff']:.2e} against the JAX model "
-                f"exceeds {FLOAT_TOLERANCE:g}")
-    return (f"verification failed: perplexity through the artifact {result['ppl_artifact']:.4f} vs "
+        return (f"verification failed{where}: max |Δlogit| {failed['max_abs_logit_diff']:.2e} against the JAX "
+                f"model exceeds {FLOAT_TOLERANCE:g}")
+    return (f"verification failed{where}: perplexity through the artifact {failed['ppl_artifact']:.4f} vs "
             f"{result['ppl_device']:.4f} from the JAX model of the device's arithmetic "
-            f"({100 * (result['ppl_ratio'] - 1):+.2f}%, limit ±{100 * result['tolerance']:g}%: --ppl-tolerance; "
+            f"({100 * (failed['ppl_ratio'] - 1):+.2f}%, limit ±{100 * result['tolerance']:g}%: --ppl-tolerance; "
             f"the plain JAX model gives {result['ppl_jax']:.4f})")
