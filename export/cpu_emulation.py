@@ -103,10 +103,12 @@ class EmulatedRunner:
         return np.frombuffer(self._read(4 * self.vocab_size), np.float32)
 
     def close(self) -> None:
-        if self._child.poll() is None:
-            self._child.stdin.close()
-            self._child.wait()
-        self._log.close()
+        child = getattr(self, "_child", None)  # None when __init__ stopped before starting it
+        if child is not None and child.poll() is None:
+            child.stdin.close()
+            child.wait()
+        if hasattr(self, "_log"):
+            self._log.close()
 
     def __del__(self):
         self.close()

@@ -105,10 +105,10 @@ def test_failure_line_names_the_cpu_that_failed():
         return {"ppl_artifact": ppl, "max_abs_logit_diff": 0.5, "ppl_ratio": ppl / 10.0, "ok": ok}
 
     result = {**figures(10.1, True), "criterion": "perplexity within 2.0% of the device model's", "tolerance": 0.02,
-              "ppl_device": 10.0, "ppl_jax": 9.8, "ok": False,
+              "ppl_device": 10.0, "ppl_jax": 9.8, "ok": False, "ok_here": True,
               "cpus": {"avx2": figures(10.15, True), "avx": figures(10.5, False)}}
     line = failure_line(result)
     assert line.startswith("verification failed on the emulated avx CPU: perplexity through the artifact 10.5000")
     assert "+5.00%, limit ±2%" in line
-    result.update(figures(10.3, False))
+    result.update(figures(10.3, False), ok_here=False)
     assert failure_line(result).startswith("verification failed: perplexity through the artifact 10.3000")
