@@ -75,15 +75,17 @@ class EmulatedRunner:
     def _read(self, size: int) -> bytes:
         data = self._child.stdout.read(size)
         if len(data) < size:
-            raise NanoError(f"the artifact stopped under qemu-x86_64 -cpu {self.model}: {self._last_words()}")
+            raise self._stopped()
         return data
 
-    def _last_words(self) -> str:
+    def _stopped(self) -> NanoError:
+        """The child is gone: its last line that is not one of qemu's CPUID warnings says why."""
         code = self._child.wait()
         self._log.seek(0)
         lines = [line for line in self._log.read().decode(errors="replace").splitlines()
                  if line.strip() and "TCG doesn't support requested feature" not in line]
-        return lines[-1].strip() if lines else f"exit status {code}"
+        why = lines[-1].strip() if lines else f"exit status {code}"
+        return NanoError(f"the artifact stopped under qemu-x86_64 -cpu {self.model}: {why}")
 
     def _send(self, op: int, tokens, start: int) -> None:
         tokens = np.asarray(tokens, np.int32).reshape(-1)
@@ -91,8 +93,7 @@ class EmulatedRunner:
             self._child.stdin.write(np.array([op, tokens.size, start], np.int32).tobytes() + tokens.tobytes())
             self._child.stdin.flush()
         except BrokenPipeError:
-            raise NanoError(f"the artifact stopped under qemu-x86_64 -cpu {self.model}: {self._last_words()}") \
-                from None
+            raise self._stopped() from None
 
     def prefill(self, tokens, start: int = 0) -> None:
         self._send(_PREFILL, list(tokens), start)
@@ -134,7 +135,7 @@ def _child(path: str, threads: int) -> None:
         op, count, start = np.frombuffer(head, np.int32)
         tokens = np.frombuffer(requests.read(4 * int(count)), np.int32)
         if op == _DECODE:
-            out.write(runner.decode(int(tokens[0]), int(start)).astype(np.float32).tobytes())
+            out.write(runner.decode(int(tokens[0]), int(start)).tobytes())  # float32 [vocab]
         else:
             runner.prefill(tokens.tolist(), int(start))
             out.write(bytes(4))
