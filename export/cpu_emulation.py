@@ -143,4 +143,8 @@ def _child(path: str, threads: int) -> None:
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], int(sys.argv[2]))
+    try:
+        _child(sys.argv[1], int(sys.argv[2]))
+    except Exception as error:  # one line for the parent's error, then out before LiteRT's teardown logs bury it
+        print(f"{type(error).__name__}: {error}".splitlines()[0], file=sys.stderr, flush=True)
+        os._exit(1)

@@ -88,6 +88,17 @@ def test_verify_cpu_refusals_come_before_the_conversion(tiny_model_dir, tmp_path
                            out, "cannot go with --no-verify")
 
 
+@needs_qemu
+def test_a_child_that_cannot_load_the_artifact_says_why_in_one_line(tmp_path):
+    from export.cpu_emulation import EmulatedRunner
+    from nano.errors import NanoError
+
+    with pytest.raises(NanoError, match=r"^the artifact stopped under qemu-x86_64 -cpu EPYC-Rome: RuntimeError: "
+                                        r"Failed to load model") as e:
+        EmulatedRunner(tmp_path / "missing.tflite", "avx2")
+    assert "\n" not in str(e.value)
+
+
 def test_verify_cpu_without_qemu_is_one_line(tiny_model_dir, tmp_path):
     """With no qemu-x86_64 on PATH: one line that says what to install, exit 1, nothing written."""
     out = tmp_path / "m.tflite"
