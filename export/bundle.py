@@ -15,11 +15,10 @@ import json
 import tempfile
 from pathlib import Path
 
+from export.graph import sequence_axis
 from export.io_names import K_CACHE, V_CACHE
 from export.integrity import DIGESTS, check_artifact, file_digests
 from nano.config import GLOBAL, ModelConfig
-
-SEQUENCE_AXIS = 2  # caches are [1, kv_heads, slots, head_dim]
 
 
 def llm_metadata(tokenizer, max_tokens: int) -> bytes:
@@ -53,7 +52,7 @@ def executor_metadata(config: ModelConfig) -> bytes:
             buffer.prefill_input_name = buffer.prefill_output_name = name
             buffer.decode_input_name = buffer.decode_output_name = name
             buffer.type = getattr(pb.StateBuffer, f"TYPE_{'GLOBAL' if is_global else 'LOCAL'}_{kind}_CACHE")
-            buffer.sequence_axis = SEQUENCE_AXIS
+            buffer.sequence_axis = sequence_axis(config, keys=kind == "KEY")  # values are stored transposed
     return meta.SerializeToString()
 
 

@@ -5,8 +5,10 @@
     decode(tokens [1, 1] int32, input_pos [1] int32, mask [1, 1, 1, S], kv_cache_k_<i>, kv_cache_v_<i>)
         -> logits [1, 1, V], the caches
 
-Every cache is [1, kv_heads, slots, head_dim] float32 and comes back whole under its input's name (the engine
-updates it in place). A local (sliding-window) layer has a ring of `sliding_window` slots, since it never looks
+Every cache comes back whole under its input's name (the engine updates it in place): keys [kv_heads, head_dim,
+slots], values [kv_heads, slots, head_dim], without the kv_heads axis when there is one (nano.model.KVCache): each
+attention matmul then reads its cache buffer as it is, where a reshape of a [1, 1, ..] buffer is a copy of the whole
+cache in XNNPACK on every step. A local (sliding-window) layer has a ring of `sliding_window` slots, since it never looks
 further back. A global layer has S slots, S the context placeholder: the smallest prime above `max_tokens`.
 
 The context is chosen when the artifact loads. LiteRT's "magic numbers": the LiteRT-LM engine takes the last
@@ -39,7 +41,7 @@ from flax import nnx
 from export.io_names import DECODE, INPUT_POS, K_CACHE, LOGITS, MASK, TOKENS, V_CACHE, prefill_name
 from nano.config import GLOBAL, ModelConfig
 from nano.layers import export_lookups
-from nano.model import Decoder, KVCache
+from nano.model import SLOT_AXIS, Decoder, KVCache
 from nano.quant import QuantizedWeight
 
 def cache_names(config: ModelConfig) -> list[str]:
@@ -62,10 +64,21 @@ def uses_mask(config: ModelConfig, *, prefill: bool) -> bool:
     return GLOBAL in layers
 
 
+def exported_cache_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A one-sequence cache [1, kv_heads, a, b] as the artifact holds it: without its unit leading axes."""
+    return shape[2:] if shape[1] == 1 else shape[1:]
+
+
 def cache_shapes(config: ModelConfig, max_tokens: int) -> dict[str, tuple[int, ...]]:
     """Each cache input's shape, in `cache_names` order, with the global layers at the context placeholder."""
     cache = jax.eval_shape(lambda: KVCache.zeros(config, 1, context_placeholder(max_tokens)))
-    return dict(zip(cache_names(config), [x.shape for x in (*cache.k, *cache.v)]))
+    return dict(zip(cache_names(config), [exported_cache_shape(x.shape) for x in (*cache.k, *cache.v)]))
+
+
+def sequence_axis(config: ModelConfig, keys: bool) -> int:
+    """The slot axis of an exported cache, from the front (the engine's metadata counts it so)."""
+    rank = len(exported_cache_shape((1, config.num_kv_heads, 1, 1)))
+    return rank + SLOT_AXIS["k" if keys else "v"]
 
 
 @dataclasses.dataclass

@@ -23,9 +23,21 @@ from nano.rotation import rotate_last
 _MASKED = -1e30  # a finite "minus infinity": a fully masked row cannot produce NaN
 
 
+# The slot (sequence) axis of each cache, from the end: keys [.., S, hd], values [.., hd, S].
+SLOT_AXIS = {"k": -2, "v": -1}
+
+
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer, each [batch, kv_heads, slots, head_dim].
+    """Keys and values of every layer: keys [batch, kv_heads, slots, head_dim], values [batch, kv_heads, head_dim,
+    slots].
+
+    Values are stored transposed (litert-torch's KV_LAYOUT_TRANSPOSED): both attention matmuls then read their
+    cache as a [free, contracted] right operand, the layout whose packing the LiteRT-LM engine's XNNPACK does with
+    vector copies (the other one it packs with scalar code: 20% of a decoded token, measured). A cache of one
+    sequence may also come without its unit leading axes (batch, and kv_heads when there is one): the export's,
+    whose matmuls then read the cache buffers as they are, with no reshape between them (which XNNPACK executes as
+    a copy of the whole cache on every step).
 
     A global layer's cache is as long as the context: position p lives in slot p. A local layer needs only its
     window, so `zeros` gives it at most that many slots, as a ring: position p in slot p % slots.
@@ -39,16 +51,17 @@ class KVCache:
         def slots(layer_type):
             return length if layer_type == GLOBAL else min(length, config.sliding_window)
 
-        def zeros():  # distinct buffers, so a jitted step may donate (update in place) each of them
-            return tuple(jnp.zeros((batch, config.num_kv_heads, slots(t), config.head_dim), dtype)
+        def zeros(keys: bool):  # distinct buffers, so a jitted step may donate (update in place) each of them
+            kvh, hd = config.num_kv_heads, config.head_dim
+            return tuple(jnp.zeros((batch, kvh, slots(t), hd) if keys else (batch, kvh, hd, slots(t)), dtype)
                          for t in config.layer_types)
 
-        return cls(k=zeros(), v=zeros())
+        return cls(k=zeros(True), v=zeros(False))
 
     @property
     def length(self) -> int:
         """The context the cache holds: its longest (global) ring."""
-        return max(k.shape[2] for k in self.k)
+        return max(v.shape[SLOT_AXIS["v"]] for v in self.v)
 
 
 def ring_positions(last: jax.Array, slots: int) -> jax.Array:
@@ -77,81 +90,107 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, *, window: int | None, ca
     return mask
 
 
-def _cached_keys(kv, k, v, positions, *, ring: bool):
+def _cached_keys(kv, k, vt, positions, *, ring: bool):
     """Write a chunk into a layer's cache and say which keys its queries attend over.
 
-    k, v [B, KVH, T, hd] are the chunk's, at positions [B, T] that count up from positions[:, 0]. Rows whose
-    position breaks that count are padding (LiteRT-LM pads a short last prefill chunk with position 0): they are
-    neither attended to nor written. Returns (keys, values, key positions [B, S'], key valid [B, S'], new cache).
+    k [B, KVH, T, hd] and vt [B, KVH, hd, T] are the chunk's keys and values (transposed, as the cache holds them),
+    at positions [B, T] that count up from positions[:, 0]. Rows whose position breaks that count are padding
+    (LiteRT-LM pads a short last prefill chunk with position 0): they are neither attended to nor written. Returns
+    (keys [.., S', hd], values [.., hd, S'] in the cache's leading axes, key positions [B, S'], key valid
+    [B, S'], new cache).
     """
     if ring:
-        return _ring_keys(kv, k, v, positions)
-    return _linear_keys(kv, k, v, positions)
+        return _ring_keys(kv, k, vt, positions)
+    return _linear_keys(kv, k, vt, positions)
 
 
-def _write_one(cache, x, slot):
-    """cache [B, KVH, S, hd] with x [B, KVH, 1, hd] written at slot [B]."""
-    if cache.shape[0] == 1:  # a plain dynamic-update-slice (a batched one exports as a scatter)
-        return jax.lax.dynamic_update_slice_in_dim(cache, x, slot[0], axis=2)
-    return jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new, s, axis=1))(cache, x, slot)
+def _batched(cache) -> bool:
+    """Whether a cache has its batch axis (one of a single sequence may not: see KVCache)."""
+    return cache.ndim == 4 and cache.shape[0] > 1
 
 
-def _write_rows(cache, x, slot_rows):
-    """cache with x's rows written where slot_rows [B, S] says (a row index into x's T rows, or < 0: keep). The
-    rows are gathered in x's dtype and then stored in the cache's (TFLite gathers no float16)."""
-    gather = jax.vmap(lambda rows_of, r: jnp.take(rows_of, r, axis=1))  # x [KVH, T, hd], r [S]
-    rows = jnp.clip(slot_rows, 0, x.shape[2] - 1)
-    return jnp.where((slot_rows >= 0)[:, None, :, None], gather(x, rows).astype(cache.dtype), cache)
+def _like_cache(x, cache):
+    """A chunk [B, KVH, a, b] in the cache's leading axes (the same, or without the unit ones the cache drops)."""
+    return x.reshape(cache.shape[:-2] + x.shape[-2:])
 
 
-def _linear_keys(kv, k, v, positions):
+def _write_one(cache, x, slot, axis):
+    """cache with x (one slot's worth: size 1 on `axis`) written at slot [B] along `axis` (from the end)."""
+    x, axis = _like_cache(x, cache), cache.ndim + axis
+    if not _batched(cache):  # a plain dynamic-update-slice (a batched one exports as a scatter)
+        return jax.lax.dynamic_update_slice_in_dim(cache, x, slot[0], axis=axis)
+    return jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new, s, axis=axis - 1))(cache, x, slot)
+
+
+def _write_rows(cache, x, slot_rows, axis):
+    """cache with x's rows (along `axis` from the end, the slot axis of both) written where slot_rows [B, S] says
+    (a row index into x's T rows, or < 0: keep). The rows are gathered in x's dtype and then stored in the cache's
+    (TFLite gathers no float16)."""
+    x, axis = _like_cache(x, cache), cache.ndim + axis
+    rows = jnp.clip(slot_rows, 0, x.shape[axis] - 1)
+    at_slots = [1] * cache.ndim
+    at_slots[axis] = slot_rows.shape[1]
+    if _batched(cache):
+        got = jax.vmap(lambda rows_of, r: jnp.take(rows_of, r, axis=axis - 1))(x, rows)
+        keep = (slot_rows >= 0).reshape(slot_rows.shape[0], *at_slots[1:])
+    else:
+        got, keep = jnp.take(x, rows[0], axis=axis), (slot_rows[0] >= 0).reshape(at_slots)
+    return jnp.where(keep, got.astype(cache.dtype), cache)
+
+
+def _write_chunk(kv, k, vt, slot_rows):
+    """Both caches with the chunk's rows written where slot_rows [B, S] says (see _write_rows)."""
+    return _write_rows(kv[0], k, slot_rows, SLOT_AXIS["k"]), _write_rows(kv[1], vt, slot_rows, SLOT_AXIS["v"])
+
+
+def _write_token(kv, k, vt, slot):
+    """Both caches with one token's key k [B, KVH, 1, hd] and value vt [B, KVH, hd, 1] written at slot [B]."""
+    return (_write_one(kv[0], k.astype(kv[0].dtype), slot, SLOT_AXIS["k"]),
+            _write_one(kv[1], vt.astype(kv[1].dtype), slot, SLOT_AXIS["v"]))
+
+
+def _linear_keys(kv, k, vt, positions):
     """A cache as long as the context (a global layer's, or a local one's shorter than its window): position p
-    in slot p. The chunk is written first and the
-    queries attend over the whole cache. Nothing here depends on the cache's length but its shape, so an exported
-    artifact's context can be chosen when it loads (LiteRT rewrites shapes there; a constant computed from the
-    length, such as a modulus, it would leave as it was)."""
-    cache_k, cache_v = kv
-    t, slots = positions.shape[1], cache_k.shape[2]
+    in slot p. The chunk is written first and the queries attend over the whole cache. Nothing here depends on
+    the cache's length but its shape, so an exported artifact's context can be chosen when it loads (LiteRT
+    rewrites shapes there; a constant computed from the length, such as a modulus, it would leave as it was)."""
+    t, slots = positions.shape[1], kv[1].shape[SLOT_AXIS["v"]]
     start = positions[:, 0]
     j = jnp.arange(slots)[None, :]  # [1, S]
     if t == 1:
         last = start
-        new_k = _write_one(cache_k, k.astype(cache_k.dtype), start)
-        new_v = _write_one(cache_v, v.astype(cache_v.dtype), start)
+        new_k, new_v = _write_token(kv, k, vt, start)
     else:
         valid = positions == start[:, None] + jnp.arange(t)
         last = start + jnp.sum(valid, axis=1) - 1
         slot_rows = jnp.where((j >= start[:, None]) & (j <= last[:, None]), j - start[:, None], -1)
-        new_k, new_v = _write_rows(cache_k, k, slot_rows), _write_rows(cache_v, v, slot_rows)
+        new_k, new_v = _write_chunk(kv, k, vt, slot_rows)
     held = jnp.where(j <= last[:, None], j, -1)
     return new_k, new_v, held, held >= 0, (new_k, new_v)
 
 
-def _ring_keys(kv, k, v, positions):
+def _ring_keys(kv, k, vt, positions):
     """A local layer's ring of `slots` (at most its window): position p in slot p % slots. One token (decode) is
     written first and attends over the ring. A longer chunk attends over the ring as it was plus itself, then
     writes its last rows: a ring only as long as the window stays exact for any chunk length."""
     cache_k, cache_v = kv
-    t, slots = positions.shape[1], cache_k.shape[2]
+    t, slots = positions.shape[1], cache_v.shape[SLOT_AXIS["v"]]
     start = positions[:, 0]
     if t == 1:
-        slot = jnp.mod(start, slots)
-        new_k = _write_one(cache_k, k.astype(cache_k.dtype), slot)
-        new_v = _write_one(cache_v, v.astype(cache_v.dtype), slot)
+        new_k, new_v = _write_token(kv, k, vt, jnp.mod(start, slots))
         held = ring_positions(start, slots)
         return new_k, new_v, held, held >= 0, (new_k, new_v)
     valid = positions == start[:, None] + jnp.arange(t)
     held = ring_positions(start - 1, slots)
-    keys = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=2)
-    values = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=2)
+    keys = jnp.concatenate([cache_k, _like_cache(k, cache_k).astype(cache_k.dtype)], axis=SLOT_AXIS["k"])
+    values = jnp.concatenate([cache_v, _like_cache(vt, cache_v).astype(cache_v.dtype)], axis=SLOT_AXIS["v"])
     key_pos = jnp.concatenate([held, positions], axis=1)
     key_ok = jnp.concatenate([held >= 0, valid], axis=1)
     # Slot j now holds the chunk's latest row at a position congruent to j, if the chunk reached one.
     last = start + jnp.sum(valid, axis=1) - 1
     wanted = ring_positions(last, slots)
     slot_rows = jnp.where(wanted >= start[:, None], wanted - start[:, None], -1)
-    new_k, new_v = _write_rows(cache_k, k, slot_rows), _write_rows(cache_v, v, slot_rows)
-    return keys, values, key_pos, key_ok, (new_k, new_v)
+    return keys, values, key_pos, key_ok, _write_chunk(kv, k, vt, slot_rows)
 
 
 class Attention(nnx.Module):
@@ -178,29 +217,30 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, kvh, hd)
         q = apply_rope(q, positions, base=self.rope_base, scale=self.rope_scale) * jnp.asarray(self.query_scale, x.dtype)
         k = apply_rope(k, positions, base=self.rope_base, scale=self.rope_scale)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, hd]
+        k, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)  # [B, KVH, T, hd], [B, KVH, hd, T]
 
         if kv is None:
-            keys, values = k, v
+            keys, values = k, vt
             mask = attention_mask(positions, positions, window=self.window, causal_by_index=True,
                                   q_seg=segment_ids, k_seg=segment_ids)
         else:
             # A local layer's cache is a ring once it is window-long; shorter, it holds the whole context.
-            ring = self.window is not None and kv[0].shape[2] >= self.window
-            keys, values, key_pos, key_ok, new_kv = _cached_keys(kv, k, v, positions, ring=ring)
+            ring = self.window is not None and kv[1].shape[SLOT_AXIS["v"]] >= self.window
+            keys, values, key_pos, key_ok, new_kv = _cached_keys(kv, k, vt, positions, ring=ring)
             mask = attention_mask(positions, key_pos, window=self.window, causal_by_index=False)
             mask = mask & key_ok[:, None, :]
 
         # Plain batched matmuls over [B, KVH, G*T, hd]: the query heads sharing a KV head are stacked with time,
         # which exports to batch-matmul without broadcasting the keys (faster than an einsum over groups).
         qg = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
-        scores = jnp.matmul(qg, keys.astype(x.dtype).transpose(0, 1, 3, 2), preferred_element_type=jnp.float32)
+        scores = jnp.matmul(qg, jnp.swapaxes(keys.astype(x.dtype), -1, -2), preferred_element_type=jnp.float32)
         scores = scores.reshape(b, kvh, g, t, -1)
         if attention_bias is not None and self.is_global and kv is not None:
             scores = scores + attention_bias[:, :, None]  # [B, 1, T, S] over the cache's slots
         scores = jnp.where(mask[:, None, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype).reshape(b, kvh, g * t, -1)
-        out = jnp.matmul(probs, values.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        out = jnp.matmul(probs, jnp.swapaxes(values.astype(x.dtype), -1, -2),
+                         preferred_element_type=jnp.float32).astype(x.dtype)
         out = out.reshape(b, kvh, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, self.num_heads * hd)
         return self.o_proj(out), (None if kv is None else new_kv)
 

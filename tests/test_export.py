@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from export.settings import ExportSettings
 from export.weights import read_back, tflite_layout
 from nano.checkpoint import flat_params, load_model_dir, save_model
 from nano.config import TINY
-from nano.model import KVCache
+from nano.model import KVCache, init_model
 from nano.quant import QuantizedWeight
 from nano.sampling import Generator, SamplingConfig
 from quantize.pipeline import quantize_model
@@ -78,7 +79,7 @@ def test_float32_export_matches_jax_through_every_signature(float_export, tiny_m
 
 def test_cache_layout_is_the_models_ring(float_export, tiny_model, tiny_tokenizer):
     """What the artifact's prefill writes into each kv_cache_* buffer equals the JAX model's KVCache after the same
-    tokens: global layers [1, kv_heads, context, head_dim] (in the file, the context placeholder: the smallest prime
+    tokens: global layers [kv_heads, context, head_dim] (values transposed) (in the file, the context placeholder: the smallest prime
     above it, which the engine rewrites at load), local layers a ring of window slots (position p in slot
     p % window), K and V alike."""
     _, plain = float_export
@@ -89,7 +90,9 @@ def test_cache_layout_is_the_models_ring(float_export, tiny_model, tiny_tokenize
     assert placeholder == 67 and runner.max_tokens == placeholder and runner.context_at_load
     for i, layer_type in enumerate(TINY.layer_types):
         slots = placeholder if layer_type == "global" else TINY.sliding_window
-        assert shapes[f"kv_cache_k_{i}"] == shapes[f"kv_cache_v_{i}"] == (1, TINY.num_kv_heads, slots, TINY.head_dim)
+        # The model's cache without its batch axis, values transposed (nano.model.KVCache)
+        assert shapes[f"kv_cache_k_{i}"] == (TINY.num_kv_heads, slots, TINY.head_dim)
+        assert shapes[f"kv_cache_v_{i}"] == (TINY.num_kv_heads, TINY.head_dim, slots)
     window = _window(tiny_tokenizer, 21)
     runner.prefill(window)  # 16 + a padded 16 (5 real rows): the padding must not land in the ring
     positions = jnp.arange(21)[None]
@@ -98,32 +101,59 @@ def test_cache_layout_is_the_models_ring(float_export, tiny_model, tiny_tokenize
         for name, want in ((f"kv_cache_k_{i}", cache.k[i]), (f"kv_cache_v_{i}", cache.v[i])):
             shape = shapes[name]
             got = runner.cache[name].read(int(np.prod(shape)), np.float32).reshape(shape)
-            np.testing.assert_allclose(got, np.asarray(want), atol=1e-4)
+            np.testing.assert_allclose(got, np.asarray(want)[0], atol=1e-4)  # the batch of one
 
 
-def test_engine_greedy_equals_jax_greedy(float_export, tiny_model, tiny_tokenizer, tmp_path):
-    """The LiteRT-LM engine loads the .litertlm and its greedy text is JAX's greedy tokens, 32 steps past a
-    prompt longer than the window. The engine takes and returns text only, so JAX's ids are detokenized by the
-    engine's own tokenizer."""
+def _engine_greedy_equals_jax(path, model, tokenizer, cache_dir) -> list[int]:
+    """The LiteRT-LM engine's greedy text from the .litertlm at `path` is the JAX model's greedy tokens, 32 steps
+    past a prompt longer than the window; returns the prompt's ids and those tokens. The engine takes and returns
+    text only, so JAX's ids are detokenized by the engine's own tokenizer."""
     import litert_lm
 
-    bundled, _ = float_export
     prompt = "def fibonacci(n):\n    return"
     litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
-    with litert_lm.Engine(bundled["out"], backend=litert_lm.Backend.CPU(thread_count=2),
-                          cache_dir=str(tmp_path)) as engine:
-        ids = [tiny_tokenizer.bos_id, *tiny_tokenizer.encode(prompt)]
-        assert engine.tokenize(prompt) == ids[1:] and engine.bos_token_id == tiny_tokenizer.bos_id
+    with litert_lm.Engine(str(path), backend=litert_lm.Backend.CPU(thread_count=2),
+                          cache_dir=str(cache_dir)) as engine:
+        ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+        assert engine.tokenize(prompt) == ids[1:] and engine.bos_token_id == tokenizer.bos_id
         session = engine.create_session(apply_prompt_template=False, max_output_tokens=32,
                                         sampler_config=litert_lm.SamplerConfig(top_k=1))
         session.run_prefill([prompt])
         text = session.run_decode().texts[0]
-        want = Generator(tiny_model, SamplingConfig(temperature=0.0)).generate(
-            ids, max_new_tokens=32, stop_ids=tuple(tiny_tokenizer.stop_ids))
-        assert len(ids) > TINY.sliding_window and len(want) == 32 and len(set(want)) > 1
+        want = Generator(model, SamplingConfig(temperature=0.0)).generate(
+            ids, max_new_tokens=32, stop_ids=tuple(tokenizer.stop_ids))
+        assert len(ids) > model.config.sliding_window and len(want) == 32 and len(set(want)) > 1
         assert text == engine.detokenize(want)
+    return ids, want
+
+
+def test_engine_greedy_equals_jax_greedy(float_export, tiny_model, tiny_tokenizer, tmp_path):
+    ids, want = _engine_greedy_equals_jax(float_export[0]["out"], tiny_model, tiny_tokenizer, tmp_path)
     # The Python runner reproduces the engine's loop in token ids.
     assert TFLiteRunner(float_export[1]["out"], threads=2).greedy(ids, 32) == want
+
+
+def test_one_kv_head_exports_rank_2_caches_the_engine_runs(tiny_tokenizer, tmp_path):
+    """With one KV head (every small Gemma 3) each exported cache is a bare [slots, head_dim] / [head_dim, slots]
+    matrix, whose slot axis the bundle's metadata names for the engine; the engine's greedy tokens are JAX's."""
+    from litert_lm_builder.runtime.proto import executor_metadata_pb2 as pb
+
+    config = dataclasses.replace(TINY, num_kv_heads=1)
+    model = init_model(config, seed=1)
+    out = export(str(save_model(model, tiny_tokenizer, tmp_path / "model")), tmp_path / "mqa.litertlm",
+                 ExportSettings(**SMALL))
+    from bench.run import tflite_of
+
+    shapes = TFLiteRunner(tflite_of(Path(out["out"]), tmp_path), threads=1).cache_shapes
+    placeholder = context_placeholder(CONTEXT)
+    for i, layer_type in enumerate(config.layer_types):
+        slots = placeholder if layer_type == "global" else config.sliding_window
+        assert shapes[f"kv_cache_k_{i}"] == (slots, config.head_dim)
+        assert shapes[f"kv_cache_v_{i}"] == (config.head_dim, slots)
+    meta = pb.ExecutorMetadata.FromString(bundle.executor_metadata(config))
+    axes = {b.decode_input_name: b.sequence_axis for b in meta.llm_executor_metadata.state_buffers}
+    assert axes["kv_cache_k_0"] == 0 and axes["kv_cache_v_0"] == 1
+    _engine_greedy_equals_jax(out["out"], model, tiny_tokenizer, tmp_path)
 
 
 def test_bundle_carries_metadata_and_provenance(float_export, tiny_model):

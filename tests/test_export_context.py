@@ -59,8 +59,8 @@ def test_the_file_holds_the_placeholder_and_the_bundle_its_default(bundle, tmp_p
         length = inputs["tokens"].shape[1]
         assert list(inputs[MASK].shape) == [1, 1, length, placeholder]
         for name, tensor in inputs.items():
-            if name.startswith("kv_cache_"):
-                assert tensor.shape[2] in (placeholder, WINDOW)
+            if name.startswith("kv_cache_"):  # keys [kv_heads, slots, head_dim], values [kv_heads, head_dim, slots]
+                assert tensor.shape[-2 if name.startswith("kv_cache_k_") else -1] in (placeholder, WINDOW)
         # Every dimension that names the context is the placeholder itself, k times: nothing else is a multiple.
         multiples = {int(d) for t in graph.tensors for d in t.shape if d > 0 and d % placeholder == 0}
         assert multiples and all(d // placeholder in (1, 2, 4) for d in multiples), multiples

@@ -179,6 +179,7 @@ def test_padded_chunk_rows_are_neither_seen_nor_written(tiny_model):
     for a, b in zip((*want.k, *want.v), (*got.k, *got.v)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     assert got.k[0].shape[2] == TINY.sliding_window and got.k[1].shape[2] == 32  # local ring, global context
+    assert got.v[0].shape[3] == TINY.sliding_window and got.v[1].shape[3] == 32  # values transposed
 
 
 @pytest.mark.slow
