@@ -41,7 +41,7 @@ def decode_bytes(tflite: Path, *, context: int | None = None) -> dict:
         for name, tensor in inputs.items():
             if name.startswith((K_CACHE, V_CACHE)):
                 shape = tensor.ShapeAsNumpy().tolist()
-                if context is not None:  # the engine rewrites the placeholder wherever it is (keys: the last axis)
+                if context is not None:  # the engine rewrites the placeholder wherever it is (values: the last axis)
                     shape = [context if d == placeholder else d for d in shape]
                 cache += int(np.prod(shape)) * _ITEM_BYTES[tensor.Type()]
     return {"weight_bytes": sum(buffers.values()), "kv_cache_bytes": cache}

@@ -5,11 +5,11 @@
     decode(tokens [1, 1] int32, input_pos [1] int32, mask [1, 1, 1, S], kv_cache_k_<i>, kv_cache_v_<i>)
         -> logits [1, 1, V], the caches
 
-Every cache comes back whole under its input's name (the engine updates it in place): keys [kv_heads, head_dim,
-slots], values [kv_heads, slots, head_dim], without the kv_heads axis when there is one (nano.model.KVCache): each
-attention matmul then reads its cache buffer as it is, where a reshape of a [1, 1, ..] buffer is a copy of the whole
-cache in XNNPACK on every step. A local (sliding-window) layer has a ring of `sliding_window` slots, since it never looks
-further back. A global layer has S slots, S the context placeholder: the smallest prime above `max_tokens`.
+Every cache comes back whole under its input's name (the engine updates it in place): keys [kv_heads, slots,
+head_dim], values transposed [kv_heads, head_dim, slots], without the kv_heads axis when there is one
+(nano.model.KVCache): each attention matmul then reads its cache buffer as it is, where a reshape of a [1, 1, ..]
+buffer is a copy of the whole cache in XNNPACK on every step. A local (sliding-window) layer has a ring of
+`sliding_window` slots, since it never looks further back. A global layer has S slots, S the context placeholder: the smallest prime above `max_tokens`.
 
 The context is chosen when the artifact loads. LiteRT's "magic numbers": the LiteRT-LM engine takes the last
 dimension of the input named `mask` (a prime above 10) as the context placeholder and, before the model is

@@ -79,9 +79,9 @@ def test_float32_export_matches_jax_through_every_signature(float_export, tiny_m
 
 def test_cache_layout_is_the_models_ring(float_export, tiny_model, tiny_tokenizer):
     """What the artifact's prefill writes into each kv_cache_* buffer equals the JAX model's KVCache after the same
-    tokens: global layers [kv_heads, context, head_dim] (values transposed) (in the file, the context placeholder: the smallest prime
-    above it, which the engine rewrites at load), local layers a ring of window slots (position p in slot
-    p % window), K and V alike."""
+    tokens: global layers [kv_heads, context, head_dim], values transposed (in the file, the context placeholder:
+    the smallest prime above it, which the engine rewrites at load), local layers a ring of window slots (position
+    p in slot p % window), K and V alike."""
     _, plain = float_export
     runner = TFLiteRunner(plain["out"], threads=2)
     shapes = runner.cache_shapes
@@ -104,7 +104,7 @@ def test_cache_layout_is_the_models_ring(float_export, tiny_model, tiny_tokenize
             np.testing.assert_allclose(got, np.asarray(want)[0], atol=1e-4)  # the batch of one
 
 
-def _engine_greedy_equals_jax(path, model, tokenizer, cache_dir) -> list[int]:
+def _engine_greedy_equals_jax(path, model, tokenizer, cache_dir) -> tuple[list[int], list[int]]:
     """The LiteRT-LM engine's greedy text from the .litertlm at `path` is the JAX model's greedy tokens, 32 steps
     past a prompt longer than the window; returns the prompt's ids and those tokens. The engine takes and returns
     text only, so JAX's ids are detokenized by the engine's own tokenizer."""
@@ -138,12 +138,12 @@ def test_one_kv_head_exports_rank_2_caches_the_engine_runs(tiny_tokenizer, tmp_p
     matrix, whose slot axis the bundle's metadata names for the engine; the engine's greedy tokens are JAX's."""
     from litert_lm_builder.runtime.proto import executor_metadata_pb2 as pb
 
+    from bench.run import tflite_of
+
     config = dataclasses.replace(TINY, num_kv_heads=1)
     model = init_model(config, seed=1)
     out = export(str(save_model(model, tiny_tokenizer, tmp_path / "model")), tmp_path / "mqa.litertlm",
                  ExportSettings(**SMALL))
-    from bench.run import tflite_of
-
     shapes = TFLiteRunner(tflite_of(Path(out["out"]), tmp_path), threads=1).cache_shapes
     placeholder = context_placeholder(CONTEXT)
     for i, layer_type in enumerate(config.layer_types):
