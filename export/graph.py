@@ -9,7 +9,8 @@ Every cache comes back whole under its input's name (the engine updates it in pl
 head_dim], values transposed [kv_heads, head_dim, slots], without the kv_heads axis when there is one
 (nano.model.KVCache): each attention matmul then reads its cache buffer as it is, where a reshape of a [1, 1, ..]
 buffer is a copy of the whole cache in XNNPACK on every step. A local (sliding-window) layer has a ring of
-`sliding_window` slots, since it never looks further back. A global layer has S slots, S the context placeholder: the smallest prime above `max_tokens`.
+`sliding_window` slots, since it never looks further back. A global layer has S slots, S the context
+placeholder: the smallest prime above `max_tokens`.
 
 The context is chosen when the artifact loads. LiteRT's "magic numbers": the LiteRT-LM engine takes the last
 dimension of the input named `mask` (a prime above 10) as the context placeholder and, before the model is
