@@ -24,7 +24,9 @@ DEFAULTS = ExportSettings()
               help="With --quant int8/int4 on a float model: the embedding table (shared with the output head). "
                    "Default: the scheme's bits (int4 for int4-b32/b128, 4× smaller than float32).")
 @click.option("--prefill-lengths", default=",".join(map(str, DEFAULTS.prefill_lengths)), show_default=True,
-              help="Comma-separated prefill signature lengths (prefill_<N>).")
+              help="Comma-separated prefill signature lengths (prefill_<N>). The engine runs a prompt as the longest "
+                   "that fit, then the shortest that holds the rest, padded: add short ones (8,32,128,512) when "
+                   "prompts are short (chat turns), at the cost of more calls for prompts just below 128.")
 @click.option("--max-tokens", type=int, default=None,
               help="The most context an app may ask for: the LiteRT-LM engine chooses the context when it loads the "
                    "bundle (its max_num_tokens; `nano bench --max-tokens`), up to this, which is also the bundle's "

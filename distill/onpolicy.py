@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from nano.config import ModelConfig
-from nano.model import KVCache
+from nano.kv_cache import KVCache
 from nano.sampling import SamplingConfig, sample_logits
 
 _SAMPLE_STREAM = 0x6F6E  # separates the sampling keys from the teacher's, which also fold the step into `seed`

@@ -153,7 +153,7 @@ def teacher_bytes(config: ModelConfig, settings: PlanSettings, student_vocab: in
 
 def kv_cache_bytes(config: ModelConfig, settings: PlanSettings) -> int:
     """The student's cache while it samples batch × seq_len tokens of its own (on-policy distillation)."""
-    from nano.model import KVCache
+    from nano.kv_cache import KVCache
 
     cache = jax.eval_shape(lambda: KVCache.zeros(config, settings.local_batch(), settings.seq_len))
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in (*cache.k, *cache.v))

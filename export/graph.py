@@ -7,7 +7,7 @@
 
 Every cache comes back whole under its input's name (the engine updates it in place): keys [kv_heads, slots,
 head_dim], values transposed [kv_heads, head_dim, slots], without the kv_heads axis when there is one
-(nano.model.KVCache): each attention matmul then reads its cache buffer as it is, where a reshape of a [1, 1, ..]
+(nano.kv_cache.KVCache): each attention matmul then reads its cache buffer as it is, where a reshape of a [1, 1, ..]
 buffer is a copy of the whole cache in XNNPACK on every step. A local (sliding-window) layer has a ring of
 `sliding_window` slots, since it never looks further back. A global layer has S slots, S the context
 placeholder: the smallest prime above `max_tokens`.
@@ -17,7 +17,7 @@ dimension of the input named `mask` (a prime above 10) as the context placeholde
 compiled, rewrites every tensor dimension that is a multiple of it, and the integer constants that give RESHAPE,
 BROADCAST_TO, FILL and SLICE shapes and RANGE limits, into the same multiple of the context it runs
 (`max_num_tokens`, the bundle's LlmMetadata by default, which is `max_tokens`). Everything the global layers do
-follows the cache's shape (nano.model's linear cache: no modulus, no length baked into a constant), so the graph
+follows the cache's shape (nano.kv_cache's linear cache: no modulus, no length baked into a constant), so the graph
 stays right at any context up to `max_tokens`. The engine fills `mask` itself (0 on the slots a row may see, a large
 negative number elsewhere), and the global layers add it to their scores, beside their own mask that decides the
 same. Prefill returns no logits: the engine feeds the prompt's last token through decode, so a prefill never needs
@@ -41,8 +41,9 @@ from flax import nnx
 
 from export.io_names import DECODE, INPUT_POS, K_CACHE, LOGITS, MASK, TOKENS, V_CACHE, prefill_name
 from nano.config import GLOBAL, ModelConfig
+from nano.kv_cache import SLOT_AXIS, KVCache
 from nano.layers import export_lookups
-from nano.model import SLOT_AXIS, Decoder, KVCache
+from nano.model import Decoder
 from nano.quant import QuantizedWeight
 
 def cache_names(config: ModelConfig) -> list[str]:

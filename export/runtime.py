@@ -86,7 +86,7 @@ class TFLiteRunner:
                              if n.startswith((K_CACHE, V_CACHE))}
         self.cache_dtypes = {n: np.dtype(decode_inputs[n].get("dtype", "float32")) for n in self.cache_shapes}
         # Keys are [.., slots, head_dim] in every layout nano has exported (values are now stored transposed,
-        # nano.model.KVCache); with a mask, the longest is the context placeholder.
+        # nano.kv_cache.KVCache); with a mask, the longest is the context placeholder.
         self.max_tokens = max(s[-2] for n, s in self.cache_shapes.items() if n.startswith(K_CACHE))
         self.context_at_load = MASK in decode_inputs  # the engine may run it at any context below that
         self.vocab_size = int(decode_outputs[LOGITS]["shape"][-1])

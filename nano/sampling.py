@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nano.errors import NanoError
-from nano.model import Decoder, KVCache
+from nano.kv_cache import KVCache
+from nano.model import Decoder
 
 
 @dataclasses.dataclass(frozen=True)

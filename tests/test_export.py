@@ -21,7 +21,8 @@ from export.settings import ExportSettings
 from export.weights import read_back, tflite_layout
 from nano.checkpoint import flat_params, load_model_dir, save_model
 from nano.config import TINY
-from nano.model import KVCache, init_model
+from nano.kv_cache import KVCache
+from nano.model import init_model
 from nano.quant import QuantizedWeight
 from nano.sampling import Generator, SamplingConfig
 from quantize.pipeline import quantize_model
@@ -90,7 +91,7 @@ def test_cache_layout_is_the_models_ring(float_export, tiny_model, tiny_tokenize
     assert placeholder == 67 and runner.max_tokens == placeholder and runner.context_at_load
     for i, layer_type in enumerate(TINY.layer_types):
         slots = placeholder if layer_type == "global" else TINY.sliding_window
-        # The model's cache without its batch axis, values transposed (nano.model.KVCache)
+        # The model's cache without its batch axis, values transposed (nano.kv_cache.KVCache)
         assert shapes[f"kv_cache_k_{i}"] == (TINY.num_kv_heads, slots, TINY.head_dim)
         assert shapes[f"kv_cache_v_{i}"] == (TINY.num_kv_heads, TINY.head_dim, slots)
     window = _window(tiny_tokenizer, 21)
@@ -102,6 +103,29 @@ def test_cache_layout_is_the_models_ring(float_export, tiny_model, tiny_tokenize
             shape = shapes[name]
             got = runner.cache[name].read(int(np.prod(shape)), np.float32).reshape(shape)
             np.testing.assert_allclose(got, np.asarray(want)[0], atol=1e-4)  # the batch of one
+
+
+def test_prefill_chunks_that_wrap_the_ring_and_reach_the_context_end(float_export, tiny_model, tiny_tokenizer):
+    """A prefill chunk is written with dynamic-update-slices of its own length (nano.kv_cache): through the runtime,
+    chunks that wrap past the 8-slot rings' end, padded chunks, and a padded last chunk whose padding reaches past
+    the global caches' last slot leave every cache as JAX writes a batch's (selecting over the whole cache), and the
+    token decoded after them in the last slot scores as the full sequence does."""
+    _, plain = float_export
+    runner = TFLiteRunner(plain["out"], threads=2)
+    slots = runner.max_tokens  # 67: the placeholder, as the file holds it
+    window = _window(tiny_tokenizer, slots)
+    runner.prefill(window[:6])  # 4 + a padded 4
+    runner.prefill(window[6:13], start=6)  # 4 at positions 6..9 (ring slots 6, 7, 0, 1) + a padded 4
+    runner.prefill(window[13:slots - 1], start=13)  # 16 x 3, 4 wrapping, then 1 row padded past slot 66
+    batch = jnp.tile(jnp.asarray(window[None, :slots - 1]), (2, 1))
+    _, cache = tiny_model(batch, jnp.tile(jnp.arange(slots - 1)[None], (2, 1)), cache=KVCache.zeros(TINY, 2, slots))
+    for i in range(TINY.num_layers):
+        for name, want in ((f"kv_cache_k_{i}", cache.k[i]), (f"kv_cache_v_{i}", cache.v[i])):
+            shape = runner.cache_shapes[name]
+            got = runner.cache[name].read(int(np.prod(shape)), np.float32).reshape(shape)
+            np.testing.assert_allclose(got, np.asarray(want)[1], atol=1e-4, err_msg=name)
+    expected = np.asarray(tiny_model(jnp.asarray(window[None]))[0][0, slots - 1])
+    assert np.abs(runner.decode(int(window[slots - 1]), slots - 1) - expected).max() <= 1e-3
 
 
 def _engine_greedy_equals_jax(path, model, tokenizer, cache_dir) -> tuple[list[int], list[int]]:

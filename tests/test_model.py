@@ -10,7 +10,8 @@ from flax import nnx
 
 from nano.config import TINY
 from nano.layers import apply_rope
-from nano.model import KVCache, attention_mask, init_model
+from nano.kv_cache import KVCache
+from nano.model import attention_mask, init_model
 
 # Jitted calls: one compile per shape is much faster than op-by-op dispatch of a whole decoder.
 run = nnx.jit(lambda model, tokens, positions=None, **kw: model(tokens, positions, **kw))
@@ -162,6 +163,32 @@ def test_head_applied_to_hidden_states_equals_logits(tiny_model):
     rows = jnp.array([3, 77, 500])  # a vocabulary slice gives those columns
     part = tiny_model.head(hidden, tiny_model.embedder.embedding[...][rows])
     assert np.allclose(part, logits[..., rows], atol=1e-5)
+
+
+# (real rows, padding rows) of each call, in TINY's rings of 8 slots: chunks inside the ring, chunks that wrap past
+# its end (the second padded, reaching back over slots the first span also writes), a whole window, a decoded token,
+# and a last chunk whose padding reaches past the context's end.
+CHUNKS = [(3, 1), (4, 0), (3, 1), (8, 0), (1, 0), (2, 6), (5, 1), (3, 5)]
+
+
+def test_one_sequence_writes_its_cache_as_a_batch_of_it_would(tiny_model):
+    """One sequence's prefill chunks are written with a dynamic-update-slice of T slots (two in a ring that the chunk
+    wraps), a batch's by selecting over the whole cache: the same caches and logits for every chunk above, in the
+    window-sized rings as in the context-long caches, down to the context's last slot."""
+    context = sum(real for real, _ in CHUNKS)
+    tokens = _tokens(1, context, seed=5)
+    one, two = KVCache.zeros(TINY, 1, context), KVCache.zeros(TINY, 2, context)
+    start = 0
+    for real, pad in CHUNKS:
+        chunk = jnp.concatenate([tokens[:, start:start + real], jnp.zeros((1, pad), tokens.dtype)], axis=1)
+        positions = jnp.concatenate([_positions(1, start, start + real), jnp.zeros((1, pad), jnp.int32)], axis=1)
+        logits_one, one = run(tiny_model, chunk, positions, cache=one)
+        logits_two, two = run(tiny_model, jnp.tile(chunk, (2, 1)), jnp.tile(positions, (2, 1)), cache=two)
+        np.testing.assert_allclose(np.asarray(logits_one[0, :real]), np.asarray(logits_two[1, :real]), atol=1e-5)
+        for a, b in zip((*one.k, *one.v), (*two.k, *two.v)):
+            np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[1]), atol=1e-5)
+        start += real
+    assert start == context and one.k[0].shape[2] == TINY.sliding_window and one.k[1].shape[2] == context
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ from flax import nnx
 from nano.checkpoint import flat_params, model_from_flat
 from nano.config import GLOBAL, LOCAL, TINY, ModelConfig
 from nano.errors import NanoError
-from nano.model import KVCache, init_model
+from nano.kv_cache import KVCache
+from nano.model import init_model
 from prune.structure import choose, choose_heads, prune_params
 
 run = nnx.jit(lambda model, tokens, positions=None, **kw: model(tokens, positions, **kw))

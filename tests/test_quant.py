@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from nano.checkpoint import flat_params, param_path
-from nano.model import KVCache, count_params
+from nano.kv_cache import KVCache
+from nano.model import count_params
 from nano.quant_scheme import QuantScheme, QuantSpec
 from nano.quant import fake_quantize, pack_int4, quantize_rtn, unpack_int4
 
