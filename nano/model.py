@@ -85,9 +85,12 @@ class Attention(nnx.Module):
         qg = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
         scores = jnp.matmul(qg, jnp.swapaxes(keys.astype(x.dtype), -1, -2), preferred_element_type=jnp.float32)
         scores = scores.reshape(b, kvh, g, t, -1)
+        # The mask as an additive bias [B, T, S], the same for every layer of a kind, so the export computes it once:
+        # a select per layer would be a TFLite reference op, single-threaded and between two XNNPACK partitions.
+        bias = jnp.where(mask, 0.0, _MASKED)
         if attention_bias is not None and self.is_global and kv is not None:
-            scores = scores + attention_bias[:, :, None]  # [B, 1, T, S] over the cache's slots
-        scores = jnp.where(mask[:, None, None], scores, _MASKED)
+            bias = bias + attention_bias[:, 0]  # the engine's mask [B, 1, T, S] over the cache's slots
+        scores = scores + bias.astype(scores.dtype)[:, None, None]
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype).reshape(b, kvh, g * t, -1)
         out = jnp.matmul(probs, jnp.swapaxes(values.astype(x.dtype), -1, -2),
                          preferred_element_type=jnp.float32).astype(x.dtype)
