@@ -90,20 +90,26 @@ def _write_one(cache, x, slot, axis):
     return jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice_in_dim(c, new, s, axis=axis - 1))(cache, x, slot)
 
 
+def _rows_over(x, rows, held, axis):
+    """held with x's row rows[i] (along `axis`, the slot axis of both) at i wherever rows[i] >= 0. The rows are
+    gathered in x's dtype and then stored in held's (TFLite gathers no float16)."""
+    keep = [1] * held.ndim
+    keep[axis] = rows.shape[0]
+    new = jnp.take(x, jnp.clip(rows, 0, x.shape[axis] - 1), axis=axis)
+    return jnp.where((rows >= 0).reshape(keep), new.astype(held.dtype), held)
+
+
 def _write_rows(cache, x, slot_rows, axis):
     """cache with x's rows (along `axis` from the end, the slot axis of both) written where slot_rows [B, S] says
-    (a row index into x's T rows, or < 0: keep). The rows are gathered in x's dtype and then stored in the cache's
-    (TFLite gathers no float16)."""
+    (a row index into x's T rows, or < 0: keep)."""
     x, axis = _like_cache(x, cache), cache.ndim + axis
+    if not _batched(cache):
+        return _rows_over(x, slot_rows[0], cache, axis)
     rows = jnp.clip(slot_rows, 0, x.shape[axis] - 1)
-    at_slots = [1] * cache.ndim
-    at_slots[axis] = slot_rows.shape[1]
-    if _batched(cache):
-        got = jax.vmap(lambda rows_of, r: jnp.take(rows_of, r, axis=axis - 1))(x, rows)
-        keep = (slot_rows >= 0).reshape(slot_rows.shape[0], *at_slots[1:])
-    else:
-        got, keep = jnp.take(x, rows[0], axis=axis), (slot_rows[0] >= 0).reshape(at_slots)
-    return jnp.where(keep, got.astype(cache.dtype), cache)
+    got = jax.vmap(lambda rows_of, r: jnp.take(rows_of, r, axis=axis - 1))(x, rows)
+    keep = [1] * cache.ndim
+    keep[0], keep[axis] = slot_rows.shape
+    return jnp.where((slot_rows >= 0).reshape(keep), got.astype(cache.dtype), cache)
 
 
 def _write_chunk(kv, k, vt, slot_rows):
@@ -117,12 +123,8 @@ def _write_span(cache, x, at, rows, axis):
     slot at+i takes x's row rows[i], or keeps what it holds where rows[i] < 0. The span must lie inside the cache:
     a dynamic-update-slice moves a span that does not (its start clamped), and its rows with it."""
     x, axis = _like_cache(x, cache), cache.ndim + axis
-    n = rows.shape[0]
-    held = jax.lax.dynamic_slice_in_dim(cache, at, n, axis=axis)
-    new = jnp.take(x, jnp.clip(rows, 0, x.shape[axis] - 1), axis=axis).astype(cache.dtype)
-    keep = [1] * cache.ndim
-    keep[axis] = n
-    return jax.lax.dynamic_update_slice_in_dim(cache, jnp.where((rows >= 0).reshape(keep), new, held), at, axis=axis)
+    held = jax.lax.dynamic_slice_in_dim(cache, at, rows.shape[0], axis=axis)
+    return jax.lax.dynamic_update_slice_in_dim(cache, _rows_over(x, rows, held, axis), at, axis=axis)
 
 
 def _write_chunk_in_spans(kv, k, vt, start, last, *, ring: bool):
