@@ -37,6 +37,19 @@ def test_bench_reports_sane_figures(artifact, backend):
     assert result["file_bytes"] == artifact.stat().st_size and result["peak_rss_bytes"] > 0
 
 
+def test_engine_benchmark_warms_up_in_the_loaded_engine(artifact, tmp_path):
+    """Every generation in one loaded engine, the warm-up as the timed one, runs the engine's own benchmark at the
+    asked sizes, its time to first token no shorter than its prefill."""
+    from bench.run import engine_benchmark
+
+    infos = engine_benchmark(artifact, 2, 16, 8, tmp_path, runs=3)
+    assert len(infos) == 3
+    for info in infos:
+        assert (info.last_prefill_token_count, info.last_decode_token_count) == (16, 8)
+        assert info.last_prefill_tokens_per_second > 0 and info.last_decode_tokens_per_second > 0
+        assert 16 / info.last_prefill_tokens_per_second <= info.time_to_first_token_in_second < 10
+
+
 def test_bench_json_and_perplexity_match_nano_perplexity(artifact, tiny_model, tiny_tokenizer, tmp_path):
     """Through a float32 artifact the protocol gives `nano perplexity`'s figure (the bundle's own tokenizer)."""
     from hf_tiny import training_text
