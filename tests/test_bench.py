@@ -40,7 +40,7 @@ def test_bench_reports_sane_figures(artifact, backend):
 def test_engine_benchmark_warms_up_in_the_loaded_engine(artifact, tmp_path):
     """Every generation in one loaded engine, the warm-up as the timed one, runs the engine's own benchmark at the
     asked sizes, its time to first token no shorter than its prefill."""
-    from bench.run import engine_benchmark
+    from bench.engine import engine_benchmark
 
     infos = engine_benchmark(artifact, 2, 16, 8, tmp_path, runs=3)
     assert len(infos) == 3
