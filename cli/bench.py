@@ -45,6 +45,7 @@ def bench_cmd(artifacts, backend, threads, delegate, delegate_options, prefill_t
     peak RSS, file size, and how close decode is to the memory-bandwidth limit; with --text, perplexity and bits
     per byte through the artifact; with --vs-gguf, llama.cpp on the same machine, threads and lengths. Several
     artifacts run in alternating rounds (each once per round), so their ratios are measured in one machine state.
+    Every runtime is timed warm, after a first call that allocates (llama.cpp as llama-bench times it).
 
     \b
     nano bench runs/export/teacher-int4-b32.litertlm
