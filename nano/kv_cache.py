@@ -105,11 +105,7 @@ def _write_rows(cache, x, slot_rows, axis):
     x, axis = _like_cache(x, cache), cache.ndim + axis
     if not _batched(cache):
         return _rows_over(x, slot_rows[0], cache, axis)
-    rows = jnp.clip(slot_rows, 0, x.shape[axis] - 1)
-    got = jax.vmap(lambda rows_of, r: jnp.take(rows_of, r, axis=axis - 1))(x, rows)
-    keep = [1] * cache.ndim
-    keep[0], keep[axis] = slot_rows.shape
-    return jnp.where((slot_rows >= 0).reshape(keep), got.astype(cache.dtype), cache)
+    return jax.vmap(lambda held, rows_of, rows: _rows_over(rows_of, rows, held, axis - 1))(cache, x, slot_rows)
 
 
 def _write_chunk(kv, k, vt, slot_rows):
