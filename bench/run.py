@@ -102,6 +102,7 @@ def artifact_perplexity(runner, tokenizer, text: str, *, window: int = PERPLEXIT
 def _round_litert(runner, ids: list[int], prefill_tokens, decode_tokens: int) -> dict:
     """One run of every figure through the Python runner: each prefill length from an empty context, then the time
     to the first token and decode after the first length."""
+    runner.prefill(ids[:WARMUP_TOKENS])  # the first call allocates: timed warm, as bench.peer times llama.cpp
     prefill = {}
     for n in prefill_tokens:
         start = time.perf_counter()
@@ -217,7 +218,6 @@ class _Subject:
         if longest > self.context:
             raise NanoError(f"{limit} exceed the artifact's context of {self.context}")
         self.ids = np.random.default_rng(0).integers(3, self.runner.vocab_size, longest).tolist()
-        self.runner.prefill(self.ids[:WARMUP_TOKENS])  # the first call allocates: timed warm, as bench.peer
 
 
 def bench(artifact: str | Path, **options) -> dict:
